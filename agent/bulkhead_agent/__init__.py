@@ -1,0 +1,1 @@
+"""Bulkhead guest agent."""

@@ -1,0 +1,1 @@
+"""Bulkhead host client: drive a sandbox VM and its guest agent."""

@@ -1,0 +1,4 @@
+"""Bulkhead guest PID 1.
+
+Mounts, modules, entropy, hostname, agent supervision, reaping, power-off.
+"""
