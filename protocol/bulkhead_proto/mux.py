@@ -9,9 +9,14 @@ gRPC socket.
 Frame: 8-byte header ``magic:u8 type:u8 length:u16 conn:u32`` (big endian)
 followed by ``length`` payload bytes.
 
-- HELLO  (both ways)  payload ``version:u8``. The host sends it first after it
-  (re)connects; the guest then drops every connection of the previous session
-  and answers HELLO. Anything in flight from an old session is discarded.
+- HELLO  (both ways)  payload ``version:u8 session:u32``. Each end picks a
+  random session number when it starts (the host: each time it connects to the
+  chardev; the guest: each time the agent opens the port). The host sends HELLO
+  on connect and repeats it until answered; the guest sends one when it opens
+  the port and answers every host HELLO. A HELLO carrying a session number
+  different from the last one seen from that peer means the peer restarted:
+  the receiver drops every connection of the old session (repeated HELLOs of
+  the same session change nothing, so retries cannot kill fresh connections).
 - OPEN   (host→guest) open connection ``conn``.
 - DATA   (both ways)  bytes for ``conn``; never more than the peer's credit.
 - CLOSE  (both ways)  ``conn`` is gone (full close; later frames for it are ignored).
@@ -26,6 +31,7 @@ and the host client each drive it with their own event loop.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -71,8 +77,26 @@ def encode_data(conn: int, data: bytes | memoryview) -> list[bytes]:
     ]
 
 
-def hello() -> bytes:
-    return encode(FrameType.HELLO, 0, bytes([VERSION]))
+_HELLO = struct.Struct(">BI")
+
+
+def hello(session: int) -> bytes:
+    return encode(FrameType.HELLO, 0, _HELLO.pack(VERSION, session))
+
+
+def new_session() -> int:
+    """A random nonzero session number."""
+    return int.from_bytes(os.urandom(4), "big") or 1
+
+
+def hello_session(frame: Frame) -> int:
+    """The session number of a HELLO frame; MuxError if the version is not ours."""
+    if len(frame.payload) != _HELLO.size:
+        raise MuxError(f"HELLO frame has {len(frame.payload)} bytes, not {_HELLO.size}")
+    version, session = _HELLO.unpack(frame.payload)
+    if version != VERSION:
+        raise MuxError(f"peer speaks mux version {version}, this end speaks {VERSION}")
+    return session
 
 
 def credit(conn: int, nbytes: int) -> bytes:
