@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62ulkhead_proto/v1/agent.proto\x12\x0b\x62ulkhead.v1\"\x18\n\x16GetGuestDetailsRequest\"Y\n\x0c\x42ootTimeline\x12\x17\n\x0finit_started_ms\x18\x01 \x01(\x01\x12\x18\n\x10\x61gent_started_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x61gent_ready_ms\x18\x03 \x01(\x01\"\xd7\x02\n\x0cGuestDetails\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x16\n\x0e\x63group_version\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\'\n\x04\x62oot\x18\x08 \x01(\x0b\x32\x19.bulkhead.v1.BootTimeline\x12\x16\n\x0e\x61gent_restarts\x18\t \x01(\r\x12\x10\n\x08hostname\x18\n \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x12\x16\n\x0ekernel_modules\x18\x0c \x03(\t\x12\x14\n\x0cinit_version\x18\r \x01(\t\x12\x11\n\tagent_pid\x18\x0e \x01(\r\")\n\x13SetGuestTimeRequest\x12\x12\n\nunix_nanos\x18\x01 \x01(\x03\"3\n\x14SetGuestTimeResponse\x12\x1b\n\x13previous_unix_nanos\x18\x01 \x01(\x03\"1\n\x11\x41\x64\x64\x45ntropyRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x08\"\x14\n\x12\x41\x64\x64\x45ntropyResponse\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"\x12\n\x10ShutdownResponse2\xc7\x02\n\x05\x41gent\x12Q\n\x0fGetGuestDetails\x12#.bulkhead.v1.GetGuestDetailsRequest\x1a\x19.bulkhead.v1.GuestDetails\x12S\n\x0cSetGuestTime\x12 .bulkhead.v1.SetGuestTimeRequest\x1a!.bulkhead.v1.SetGuestTimeResponse\x12M\n\nAddEntropy\x12\x1e.bulkhead.v1.AddEntropyRequest\x1a\x1f.bulkhead.v1.AddEntropyResponse\x12G\n\x08Shutdown\x12\x1c.bulkhead.v1.ShutdownRequest\x1a\x1d.bulkhead.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62ulkhead_proto/v1/agent.proto\x12\x0b\x62ulkhead.v1\"\x18\n\x16GetGuestDetailsRequest\"Y\n\x0c\x42ootTimeline\x12\x17\n\x0finit_started_ms\x18\x01 \x01(\x01\x12\x18\n\x10\x61gent_started_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x61gent_ready_ms\x18\x03 \x01(\x01\"\x86\x03\n\x0cGuestDetails\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x16\n\x0e\x63group_version\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\'\n\x04\x62oot\x18\x08 \x01(\x0b\x32\x19.bulkhead.v1.BootTimeline\x12\x16\n\x0e\x61gent_restarts\x18\t \x01(\r\x12\x10\n\x08hostname\x18\n \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01\x12\x16\n\x0ekernel_modules\x18\x0c \x03(\t\x12\x14\n\x0cinit_version\x18\r \x01(\t\x12\x11\n\tagent_pid\x18\x0e \x01(\r\x12-\n\tprocesses\x18\x0f \x03(\x0b\x32\x1a.bulkhead.v1.ProcessMemory\"t\n\rProcessMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x11\n\tuss_bytes\x18\x04 \x01(\x04\x12\x11\n\tpss_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07threads\x18\x06 \x01(\r\")\n\x13SetGuestTimeRequest\x12\x12\n\nunix_nanos\x18\x01 \x01(\x03\"3\n\x14SetGuestTimeResponse\x12\x1b\n\x13previous_unix_nanos\x18\x01 \x01(\x03\"1\n\x11\x41\x64\x64\x45ntropyRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x08\"\x14\n\x12\x41\x64\x64\x45ntropyResponse\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"\x12\n\x10ShutdownResponse2\xc7\x02\n\x05\x41gent\x12Q\n\x0fGetGuestDetails\x12#.bulkhead.v1.GetGuestDetailsRequest\x1a\x19.bulkhead.v1.GuestDetails\x12S\n\x0cSetGuestTime\x12 .bulkhead.v1.SetGuestTimeRequest\x1a!.bulkhead.v1.SetGuestTimeResponse\x12M\n\nAddEntropy\x12\x1e.bulkhead.v1.AddEntropyRequest\x1a\x1f.bulkhead.v1.AddEntropyResponse\x12G\n\x08Shutdown\x12\x1c.bulkhead.v1.ShutdownRequest\x1a\x1d.bulkhead.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOOTTIMELINE']._serialized_start=72
   _globals['_BOOTTIMELINE']._serialized_end=161
   _globals['_GUESTDETAILS']._serialized_start=164
-  _globals['_GUESTDETAILS']._serialized_end=507
-  _globals['_SETGUESTTIMEREQUEST']._serialized_start=509
-  _globals['_SETGUESTTIMEREQUEST']._serialized_end=550
-  _globals['_SETGUESTTIMERESPONSE']._serialized_start=552
-  _globals['_SETGUESTTIMERESPONSE']._serialized_end=603
-  _globals['_ADDENTROPYREQUEST']._serialized_start=605
-  _globals['_ADDENTROPYREQUEST']._serialized_end=654
-  _globals['_ADDENTROPYRESPONSE']._serialized_start=656
-  _globals['_ADDENTROPYRESPONSE']._serialized_end=676
-  _globals['_SHUTDOWNREQUEST']._serialized_start=678
-  _globals['_SHUTDOWNREQUEST']._serialized_end=711
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=713
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=731
-  _globals['_AGENT']._serialized_start=734
-  _globals['_AGENT']._serialized_end=1061
+  _globals['_GUESTDETAILS']._serialized_end=554
+  _globals['_PROCESSMEMORY']._serialized_start=556
+  _globals['_PROCESSMEMORY']._serialized_end=672
+  _globals['_SETGUESTTIMEREQUEST']._serialized_start=674
+  _globals['_SETGUESTTIMEREQUEST']._serialized_end=715
+  _globals['_SETGUESTTIMERESPONSE']._serialized_start=717
+  _globals['_SETGUESTTIMERESPONSE']._serialized_end=768
+  _globals['_ADDENTROPYREQUEST']._serialized_start=770
+  _globals['_ADDENTROPYREQUEST']._serialized_end=819
+  _globals['_ADDENTROPYRESPONSE']._serialized_start=821
+  _globals['_ADDENTROPYRESPONSE']._serialized_end=841
+  _globals['_SHUTDOWNREQUEST']._serialized_start=843
+  _globals['_SHUTDOWNREQUEST']._serialized_end=876
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=878
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=896
+  _globals['_AGENT']._serialized_start=899
+  _globals['_AGENT']._serialized_end=1226
 # @@protoc_insertion_point(module_scope)

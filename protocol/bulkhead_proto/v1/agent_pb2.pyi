@@ -21,7 +21,7 @@ class BootTimeline(_message.Message):
     def __init__(self, init_started_ms: _Optional[float] = ..., agent_started_ms: _Optional[float] = ..., agent_ready_ms: _Optional[float] = ...) -> None: ...
 
 class GuestDetails(_message.Message):
-    __slots__ = ("agent_version", "protocol_version", "kernel_release", "cpus", "memory_total_bytes", "cgroup_version", "features", "boot", "agent_restarts", "hostname", "uptime_seconds", "kernel_modules", "init_version", "agent_pid")
+    __slots__ = ("agent_version", "protocol_version", "kernel_release", "cpus", "memory_total_bytes", "cgroup_version", "features", "boot", "agent_restarts", "hostname", "uptime_seconds", "kernel_modules", "init_version", "agent_pid", "processes")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class GuestDetails(_message.Message):
     KERNEL_MODULES_FIELD_NUMBER: _ClassVar[int]
     INIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_PID_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     protocol_version: int
     kernel_release: str
@@ -50,7 +51,24 @@ class GuestDetails(_message.Message):
     kernel_modules: _containers.RepeatedScalarFieldContainer[str]
     init_version: str
     agent_pid: int
-    def __init__(self, agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., kernel_release: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., cgroup_version: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., boot: _Optional[_Union[BootTimeline, _Mapping]] = ..., agent_restarts: _Optional[int] = ..., hostname: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., kernel_modules: _Optional[_Iterable[str]] = ..., init_version: _Optional[str] = ..., agent_pid: _Optional[int] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessMemory]
+    def __init__(self, agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., kernel_release: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., cgroup_version: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., boot: _Optional[_Union[BootTimeline, _Mapping]] = ..., agent_restarts: _Optional[int] = ..., hostname: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., kernel_modules: _Optional[_Iterable[str]] = ..., init_version: _Optional[str] = ..., agent_pid: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessMemory, _Mapping]]] = ...) -> None: ...
+
+class ProcessMemory(_message.Message):
+    __slots__ = ("pid", "name", "rss_bytes", "uss_bytes", "pss_bytes", "threads")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    rss_bytes: int
+    uss_bytes: int
+    pss_bytes: int
+    threads: int
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., uss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class SetGuestTimeRequest(_message.Message):
     __slots__ = ("unix_nanos",)

@@ -1,0 +1,86 @@
+"""Fixtures that boot the real guest image under QEMU through the host client.
+
+Each test reads like a user's session: bring a sandbox up, talk to its agent,
+take it down. The image is built (or taken from the cache) once per run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bulkhead import Sandbox
+
+pytestmark = pytest.mark.qemu
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "qemu-test" in str(item.path):
+            item.add_marker(pytest.mark.qemu)
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The guest image: built here if the cache does not have it yet."""
+    from bulkhead_image.build import build_image
+
+    return build_image(progress=lambda msg: print(f"image: {msg}", flush=True))
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Unix socket paths are limited to 108 bytes: keep the state dir short.
+    path = Path(f"/tmp/bh-qt-{os.getpid()}")
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def boot(image, state_dir: Path) -> Iterator[Callable[..., Sandbox]]:
+    """Factory: ``boot(name, **options)`` brings a sandbox up; all are downed afterwards."""
+    started: list[Sandbox] = []
+
+    def _boot(name: str, **options) -> Sandbox:
+        options.setdefault("image", image.path)
+        options.setdefault("memory_mib", 512)
+        sb = Sandbox.up(name, state_dir=state_dir, **options)
+        started.append(sb)
+        return sb
+
+    yield _boot
+    for sb in started:
+        try:
+            sb.down(timeout=20)
+        except Exception as exc:  # a test that downed it already is fine
+            print(f"cleanup of {sb.name}: {exc}")
+
+
+@pytest.fixture(scope="module")
+def sandbox(image, state_dir: Path) -> Iterator[Sandbox]:
+    """One sandbox shared by the read-only tests of a module."""
+    name = f"shared-{os.getpid() % 10000}-{int(time.monotonic() * 1000) % 10000}"
+    sb = Sandbox.up(name, image=image.path, memory_mib=512, cpus=2, state_dir=state_dir)
+    try:
+        yield sb
+    finally:
+        sb.down(timeout=20)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval=0.1):
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # keep polling; report the last failure
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
