@@ -1,1 +1,103 @@
-"""Bulkhead host client: drive a sandbox VM and its guest agent."""
+"""Bulkhead host client: boot sandbox VMs under QEMU and drive their guest agent.
+
+    from bulkhead import Sandbox
+
+    with Sandbox.up("demo", memory_mib=512) as sb:
+        details = sb.agent.guest_details()
+        print(details.kernel_release, details.boot.agent_ready_ms)
+
+``Sandbox`` owns the VM (through a per-sandbox monitor process); ``AgentClient``
+talks to an agent through any unix socket or gRPC target; the transports reach
+the agent's bridge over AF_VSOCK, hybrid vsock or the virtio-serial mux.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AgentError,
+    AlreadyExists,
+    BootError,
+    BulkheadError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ImageNotFound,
+    InvalidArgument,
+    NotFound,
+    QemuError,
+    SandboxError,
+    SandboxExists,
+    SandboxNotFound,
+    TransportError,
+    Unavailable,
+)
+
+# The rest is imported on first use: the monitor process (one per sandbox)
+# starts from this package and must not pay for grpc it never uses.
+_LAZY = {
+    "AgentClient": "client",
+    "BootTimeline": "details",
+    "GuestDetails": "details",
+    "ProcessMemory": "details",
+    "UnixRelay": "relay",
+    "Sandbox": "sandbox",
+    "SandboxDetails": "sandbox",
+    "SandboxInfo": "state",
+    "HybridVsockTransport": "transport",
+    "SerialMuxTransport": "transport",
+    "Transport": "transport",
+    "VsockTransport": "transport",
+}
+
+if TYPE_CHECKING:
+    from .client import AgentClient
+    from .details import BootTimeline, GuestDetails, ProcessMemory
+    from .relay import UnixRelay
+    from .sandbox import Sandbox, SandboxDetails
+    from .state import SandboxInfo
+    from .transport import HybridVsockTransport, SerialMuxTransport, Transport, VsockTransport
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "AgentClient",
+    "AgentError",
+    "AlreadyExists",
+    "BootError",
+    "BootTimeline",
+    "BulkheadError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "GuestDetails",
+    "HybridVsockTransport",
+    "ImageNotFound",
+    "InvalidArgument",
+    "NotFound",
+    "ProcessMemory",
+    "QemuError",
+    "Sandbox",
+    "SandboxDetails",
+    "SandboxError",
+    "SandboxExists",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "SerialMuxTransport",
+    "Transport",
+    "TransportError",
+    "Unavailable",
+    "UnixRelay",
+    "VsockTransport",
+]

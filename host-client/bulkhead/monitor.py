@@ -1,0 +1,220 @@
+"""The per-sandbox monitor: ``python -m bulkhead.monitor NAME --state-dir DIR``.
+
+One process per sandbox, detached from whoever started it. It runs QEMU as its
+child (in its own process group), checks it through QMP, opens the agent
+channel (AF_VSOCK when QEMU got a vsock device, else the virtio-serial mux) and
+serves it on ``agent.sock`` through a ``UnixRelay``, so any number of host
+clients can talk to the agent at once. It keeps ``state.json`` current, asks
+QEMU to quit on SIGTERM, and exits when QEMU does, removing its sockets.
+
+``Sandbox.up`` writes ``state.json`` (with the QEMU configuration) and the
+locked ``monitor.lock`` before starting it; the lock is held for the monitor's
+whole life and is what marks the sandbox alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from .qemu import QemuConfig, build_command, vhost_vsock_available
+from .qmp import Qmp
+from .relay import UnixRelay
+from .state import SandboxPaths, read_state, update_state
+from .transport import SerialMuxTransport, Transport, VsockTransport
+
+log = logging.getLogger("bulkhead.monitor")
+
+QMP_READY_TIMEOUT = 15.0
+QUIT_GRACE = 5.0
+RELAY_CONNECT_TIMEOUT = 30.0
+
+
+class Monitor:
+    def __init__(self, paths: SandboxPaths) -> None:
+        self.paths = paths
+        self.qemu: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self._stop_thread: threading.Thread | None = None
+
+    def run(self) -> int:
+        state = read_state(self.paths)
+        cfg = QemuConfig.from_dict(state["qemu"])
+        vsock = bool(state.get("vsock")) and cfg.vsock_cid is not None and vhost_vsock_available()
+        cmd = build_command(cfg, vhost_vsock=vsock)
+        log.info("starting QEMU: %s", shlex.join(cmd))
+        if self.stopping.is_set():
+            return self._finish(None)
+        # QEMU's own messages (e.g. "KVM internal error") go to monitor.log.
+        self.qemu = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            start_new_session=True,
+        )
+        started = _create_time(self.qemu.pid)
+        update_state(
+            self.paths,
+            status="booting",
+            qemu_pid=self.qemu.pid,
+            qemu_started=started,
+            qemu_command=cmd,
+            vsock=vsock,
+        )
+        if self.stopping.is_set():  # SIGTERM arrived while QEMU was starting
+            self._request_stop()
+        self._check_qmp()
+
+        transport: Transport
+        if vsock:
+            assert cfg.vsock_cid is not None
+            transport = VsockTransport(cfg.vsock_cid)
+        else:
+            transport = SerialMuxTransport(self.paths.serial_sock)
+        relay = UnixRelay(transport, self.paths.agent_sock, connect_timeout=RELAY_CONNECT_TIMEOUT)
+        try:
+            relay.start()
+            if not self.stopping.is_set():
+                update_state(self.paths, status="running")
+            log.info("serving the agent on %s through %r", self.paths.agent_sock, transport)
+            code = self.qemu.wait()
+        finally:
+            relay.close()
+            transport.close()
+        return self._finish(code)
+
+    def _check_qmp(self) -> None:
+        """Wait until QEMU answers QMP (or exits): proof that it really started."""
+        assert self.qemu is not None
+        deadline = time.monotonic() + QMP_READY_TIMEOUT
+        last: Exception | None = None
+        while self.qemu.poll() is None and time.monotonic() < deadline:
+            if self.paths.qmp_sock.exists():
+                try:
+                    with Qmp(self.paths.qmp_sock, timeout=2.0) as qmp:
+                        log.info("QEMU is up, VM status %s", qmp.status())
+                    return
+                except Exception as exc:
+                    last = exc
+            time.sleep(0.05)
+        if self.qemu.poll() is None:
+            log.warning("QMP did not answer within %ss: %s", QMP_READY_TIMEOUT, last)
+
+    def _finish(self, code: int | None) -> int:
+        if code is not None:
+            log.info("QEMU exited with status %s", code)
+        for sock in self.paths.sockets():
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        with contextlib.suppress(Exception):
+            update_state(self.paths, status="exited", exit_code=code, finished=time.time())
+        return 0
+
+    # -- stopping --
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        log.info("got %s: stopping QEMU", signal.Signals(signum).name)
+        self.stopping.set()
+        if self.qemu is not None:
+            self._request_stop()
+
+    def _request_stop(self) -> None:
+        if self._stop_thread is None:
+            # Not in the signal handler itself: QMP takes a while and may block.
+            self._stop_thread = threading.Thread(target=self._stop_qemu, name="stop", daemon=True)
+            self._stop_thread.start()
+
+    def _stop_qemu(self) -> None:
+        qemu = self.qemu
+        assert qemu is not None
+        with contextlib.suppress(Exception):
+            update_state(self.paths, status="stopping")
+        try:
+            with Qmp(self.paths.qmp_sock, timeout=2.0) as qmp:
+                qmp.quit()
+        except Exception as exc:
+            log.warning("QMP quit failed (%s): sending SIGTERM", exc)
+            with contextlib.suppress(ProcessLookupError):
+                qemu.terminate()
+        try:
+            qemu.wait(QUIT_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("QEMU still running %ss after quit: SIGKILL", QUIT_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                qemu.kill()
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _detach() -> None:
+    """Fork once more so the monitor is nobody's child but init's (no zombie in the caller)."""
+    if os.fork() > 0:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bulkhead.monitor")
+    parser.add_argument("name")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--lock-fd", type=int, help="inherited, already locked monitor.lock")
+    parser.add_argument("--detach", action="store_true", help="fork into the background")
+    args = parser.parse_args(argv)
+    paths = SandboxPaths(args.state_dir / args.name)
+
+    if args.lock_fd is not None:
+        lock_fd = args.lock_fd
+    else:
+        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # Already ours when inherited from ``up`` (same open file): a no-op then.
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"monitor: sandbox {args.name} already has a monitor", file=sys.stderr)
+        return 1
+    os.set_inheritable(lock_fd, False)  # QEMU must not keep the sandbox "alive"
+
+    if args.detach:
+        _detach()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    monitor = Monitor(paths)
+    signal.signal(signal.SIGTERM, monitor.on_signal)
+    signal.signal(signal.SIGINT, monitor.on_signal)
+    update_state(paths, monitor_pid=os.getpid(), monitor_started=_create_time(os.getpid()))
+    log.info("monitor %d for sandbox %s", os.getpid(), args.name)
+    try:
+        return monitor.run()
+    except Exception:
+        log.exception("monitor failed")
+        if monitor.qemu is not None and monitor.qemu.poll() is None:
+            monitor.qemu.kill()
+            monitor.qemu.wait()
+        with contextlib.suppress(Exception):
+            update_state(paths, status="exited", error="monitor failed; see monitor.log")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""``Sandbox``: a guest VM with its agent, from the host's side.
+
+>>> with Sandbox.up("demo", memory_mib=512) as sb:
+...     print(sb.agent.guest_details().kernel_release)
+
+``up`` boots a VM under a detached monitor process and waits for the agent;
+``get`` finds one that is running; ``down`` stops it in order (agent Shutdown)
+and by force if it must, and removes its state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .client import AgentClient
+from .details import GuestDetails
+from .errors import (
+    AgentError,
+    BootError,
+    DeadlineExceeded,
+    ImageNotFound,
+    QemuError,
+    SandboxError,
+    SandboxExists,
+    SandboxNotFound,
+)
+from .qemu import QemuConfig, choose_accel, kernel_cmdline, vhost_vsock_available
+from .qmp import Qmp
+from .state import (
+    SandboxInfo,
+    SandboxPaths,
+    cleanup_dead,
+    default_state_dir,
+    is_alive,
+    kill,
+    list_sandboxes,
+    read_state,
+    remove_dead,
+    state_lock,
+    validate_name,
+    wait_gone,
+    write_state,
+)
+
+log = logging.getLogger(__name__)
+
+KVM_PROBE_CACHE = "kvm-probe.json"
+SHUTDOWN_REPLY_GRACE = 2.0
+FIRST_VSOCK_CID = 3  # 0-2 are reserved (hypervisor, local, host)
+
+
+@dataclass(frozen=True)
+class SandboxDetails:
+    """``Sandbox.info()``: the host's view and the guest's."""
+
+    sandbox: SandboxInfo
+    guest: GuestDetails
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sandbox": self.sandbox.to_dict(), "guest": self.guest.to_dict()}
+
+
+class Sandbox:
+    """One sandbox VM, found by name in a state directory.
+
+    Create one with ``Sandbox.up()`` or find one with ``Sandbox.get()``. As a
+    context manager it takes the sandbox down on exit.
+    """
+
+    def __init__(self, paths: SandboxPaths) -> None:
+        self.paths = paths
+        self.boot_seconds: float | None = None  # set by up(): spawn to agent ready
+        self._agent: AgentClient | None = None
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.name!r}, state_dir={str(self.paths.root)!r})"
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # -- finding sandboxes --
+
+    @classmethod
+    def get(cls, name: str, *, state_dir: str | os.PathLike[str] | None = None) -> Sandbox:
+        """The sandbox called ``name`` (alive or dead); ``SandboxNotFound`` if there is none."""
+        paths = SandboxPaths(_root(state_dir) / validate_name(name))
+        if not paths.dir.is_dir():
+            raise SandboxNotFound(f"no sandbox named {name!r} in {paths.root}")
+        read_state(paths)  # SandboxNotFound when it was never fully created
+        return cls(paths)
+
+    @staticmethod
+    def list(state_dir: str | os.PathLike[str] | None = None) -> list[SandboxInfo]:
+        """All sandboxes, the dead ones (monitor gone) with status ``"dead"``."""
+        return list_sandboxes(_root(state_dir))
+
+    @staticmethod
+    def cleanup_dead(state_dir: str | os.PathLike[str] | None = None) -> list[str]:
+        """Remove the state of every dead sandbox; returns their names."""
+        return cleanup_dead(_root(state_dir))
+
+    # -- creating one --
+
+    @classmethod
+    def up(
+        cls,
+        name: str,
+        *,
+        memory_mib: int = 512,
+        cpus: int = 1,
+        image: str | os.PathLike[str] | None = None,
+        accel: str = "auto",
+        boot_timeout: float = 120.0,
+        state_dir: str | os.PathLike[str] | None = None,
+        machine: str = "q35",
+        debug_console: bool = False,
+        log_level: str | None = None,
+        extra_cmdline: Sequence[str] = (),
+    ) -> Sandbox:
+        """Boot a sandbox VM and wait until its agent is ready.
+
+        ``image`` is an image directory (default: the newest one in the cache);
+        ``accel`` is ``"auto"`` (KVM if a probe shows it works, else TCG),
+        ``"kvm"`` or ``"tcg"``. Raises ``SandboxExists`` if a live sandbox has
+        that name, ``ImageNotFound``, or ``BootError`` (with the console log's
+        tail) if the agent is not ready within ``boot_timeout`` seconds; a
+        failed sandbox leaves nothing behind.
+        """
+        root = _root(state_dir)
+        paths = SandboxPaths(root / validate_name(name))
+        paths.check_socket_paths()
+        if memory_mib < 64 or cpus < 1:
+            raise SandboxError(f"need at least 64 MiB and 1 CPU, not {memory_mib} MiB, {cpus}")
+        _refuse_live(paths)
+        img = _load_image(image)
+        try:
+            choice = choose_accel(accel, kernel=Path(img.kernel), cache_file=root / KVM_PROBE_CACHE)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SandboxError(str(exc)) from exc
+        vsock = vhost_vsock_available()
+        options: dict[str, object] = {
+            "serial_port": "bulkhead.agent",
+            # Without a vsock device the agent need not try to listen on one.
+            "vsock_port": 1024 if vsock else 0,
+        }
+        if debug_console:
+            options["debug_console"] = True
+        if log_level:
+            options["log"] = log_level
+        options["hostname"] = name if _hostname_ok(name) else "bulkhead"
+
+        started = time.monotonic()
+        with state_lock(root):
+            _refuse_live(paths)
+            if paths.dir.exists():
+                remove_dead(paths)
+            cfg = QemuConfig(
+                kernel=Path(img.kernel),
+                initrd=Path(img.initramfs),
+                cmdline=kernel_cmdline(img.manifest.get("cmdline", ""), options, extra_cmdline),
+                memory_mib=memory_mib,
+                cpus=cpus,
+                machine=machine,
+                name=name,
+                console_log=paths.console_log,
+                console_socket=paths.console_sock,
+                serial_socket=paths.serial_sock,
+                qmp_socket=paths.qmp_sock,
+                vsock_cid=_free_cid(root) if vsock else None,
+            ).with_accel(choice)
+            paths.dir.mkdir(mode=0o700)
+            # Held from now until the monitor exits: this is what "alive" means.
+            lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                write_state(
+                    paths,
+                    {
+                        "name": name,
+                        "status": "starting",
+                        "created": time.time(),
+                        "image": str(img.path),
+                        "accel_reason": choice.reason,
+                        "vsock": vsock,
+                        "qemu": cfg.to_dict(),
+                    },
+                )
+            except BaseException:
+                os.close(lock_fd)
+                remove_dead(paths)
+                raise
+        try:
+            _spawn_monitor(paths, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            cls(paths)._destroy()
+            raise
+        os.close(lock_fd)  # the monitor holds the same lock now
+
+        sb = cls(paths)
+        try:
+            sb._wait_booted(started + boot_timeout, boot_timeout)
+        except BaseException as exc:
+            console = _tail(paths.console_log, 40)
+            monitor = _tail(paths.monitor_log, 15)
+            sb._destroy()
+            if isinstance(exc, BootError):
+                raise BootError(str(exc), console, monitor) from None
+            raise
+        sb.boot_seconds = time.monotonic() - started
+        return sb
+
+    def _wait_booted(self, deadline: float, boot_timeout: float) -> None:
+        agent = self.agent
+        while True:
+            if not self.alive:
+                state = self._state()
+                code = state.get("exit_code")
+                why = f"QEMU exited with status {code}" if code is not None else "the monitor died"
+                raise BootError(f"sandbox {self.name!r} did not boot: {why}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootError(
+                    f"sandbox {self.name!r} did not boot: its agent was not ready "
+                    f"within {boot_timeout:g}s"
+                )
+            try:
+                # Short slices, so a VM that died is noticed at once.
+                agent.wait_ready(timeout=min(remaining, 2.0))
+                return
+            except DeadlineExceeded:
+                continue
+
+    # -- facts --
+
+    @property
+    def name(self) -> str:
+        return self.paths.name
+
+    @property
+    def dir(self) -> Path:
+        """The sandbox's state directory."""
+        return self.paths.dir
+
+    @property
+    def agent_socket(self) -> Path:
+        """The monitor's relay: every connection is a fresh one to the agent's gRPC server."""
+        return self.paths.agent_sock
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.paths.qmp_sock
+
+    @property
+    def alive(self) -> bool:
+        """Whether the sandbox's monitor (and so, normally, its QEMU) is running."""
+        return is_alive(self.paths)
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._state().get("qemu_pid")
+
+    @property
+    def monitor_pid(self) -> int | None:
+        return self._state().get("monitor_pid")
+
+    @property
+    def agent(self) -> AgentClient:
+        """An ``AgentClient`` on this sandbox's ``agent.sock`` (opened on first use)."""
+        if self._agent is None:
+            self._agent = AgentClient(self.paths.agent_sock)
+        return self._agent
+
+    def status(self) -> SandboxInfo:
+        """The host-side facts: pids, status (``"dead"`` once the monitor is gone), config."""
+        return SandboxInfo.load(self.paths)
+
+    def info(self, *, timeout: float | None = None) -> SandboxDetails:
+        """Host-side facts together with the guest's details."""
+        host = self.status()
+        if not host.alive:
+            raise SandboxError(f"sandbox {self.name!r} is not running (its monitor is gone)")
+        return SandboxDetails(host, self.agent.guest_details(timeout=timeout))
+
+    def console_log(self) -> str:
+        """Everything the guest wrote to its console so far."""
+        try:
+            return self.paths.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def console_send(self, text: str | bytes, *, timeout: float = 10.0) -> None:
+        """Type ``text`` into the guest console (a shell only with ``debug_console=True``)."""
+        data = text.encode() if isinstance(text, str) else text
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.paths.console_sock))
+                sock.sendall(data)
+                # QEMU drops what it has not read yet when we hang up, and it
+                # reads only as fast as the guest's UART takes bytes: wait until
+                # our send queue is empty. Meanwhile discard the console output
+                # QEMU copies to us, so that it never blocks on a full socket.
+                sock.setblocking(False)
+                while _unread(sock):
+                    if time.monotonic() >= deadline:
+                        raise SandboxError(
+                            f"{self.name!r}'s console did not take the input within {timeout:g}s"
+                        )
+                    with contextlib.suppress(BlockingIOError):
+                        sock.recv(65536)
+                    time.sleep(0.01)
+            except OSError as exc:
+                raise SandboxError(f"cannot write to {self.name!r}'s console: {exc}") from exc
+
+    def close(self) -> None:
+        """Close this object's agent connection; the sandbox keeps running."""
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    # -- taking it down --
+
+    def down(self, timeout: float = 30.0) -> None:
+        """Stop the sandbox and remove its state; afterwards no QEMU or file of it remains.
+
+        First in order: the agent's Shutdown, then up to ``timeout`` seconds for
+        QEMU to exit. Then by force: QMP ``quit``, and SIGKILL for QEMU and the
+        monitor.
+        """
+        deadline = time.monotonic() + timeout
+        state = self._state()
+        qemu = (state.get("qemu_pid"), state.get("qemu_started"))
+        if self.alive:
+            try:
+                self.agent.shutdown(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except AgentError as exc:
+                # Nothing will stop the VM now but force; a short grace in case
+                # the agent acted on the request and only its reply was lost.
+                log.info("%s: Shutdown failed (%s); forcing", self.name, exc)
+                deadline = min(deadline, time.monotonic() + SHUTDOWN_REPLY_GRACE)
+            if not wait_gone(*qemu, timeout=max(0.0, deadline - time.monotonic())):
+                self._force_quit(qemu)
+        self._destroy()
+
+    def _force_quit(self, qemu: tuple[int | None, float | None]) -> None:
+        try:
+            with Qmp(self.paths.qmp_sock, timeout=2.0) as qmp:
+                qmp.quit()
+        except QemuError:
+            pass  # SIGKILL below
+        wait_gone(*qemu, timeout=3.0)
+
+    def _destroy(self) -> None:
+        """Kill whatever is left of the sandbox and remove its directory."""
+        self.close()
+        state = self._state()
+        monitor = (state.get("monitor_pid"), state.get("monitor_started"))
+        qemu = (state.get("qemu_pid"), state.get("qemu_started"))
+        kill(*qemu)
+        wait_gone(*qemu, timeout=5.0)
+        # Normally the monitor exits by itself once QEMU is gone.
+        if not wait_gone(*monitor, timeout=5.0):
+            kill(*monitor)
+            wait_gone(*monitor, timeout=5.0)
+        with state_lock(self.paths.root):
+            if not is_alive(self.paths):
+                remove_dead(self.paths)
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return read_state(self.paths)
+        except SandboxError:
+            return {}
+
+
+def _root(state_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(state_dir) if state_dir is not None else default_state_dir()
+
+
+def _refuse_live(paths: SandboxPaths) -> None:
+    if paths.dir.exists() and is_alive(paths):
+        raise SandboxExists(
+            f"sandbox {paths.name!r} already exists and is running; "
+            f"take it down first (bulkhead sandbox down {paths.name})"
+        )
+
+
+def _hostname_ok(name: str) -> bool:
+    return len(name) <= 63 and all(c.isalnum() or c == "-" for c in name) and name[-1] != "-"
+
+
+def _load_image(image: str | os.PathLike[str] | None) -> Any:
+    try:
+        from bulkhead_image import cache
+    except ImportError as exc:
+        raise ImageNotFound(f"the image cache is not available: {exc}") from exc
+    if image is None:
+        info = cache.latest_image()
+        if info is None:
+            raise ImageNotFound(
+                f"no guest image in {cache.default_cache_dir()}: "
+                "build one first with `bulkhead image build`"
+            )
+        return info
+    try:
+        return cache.load_image(Path(image))
+    except (OSError, ValueError) as exc:  # missing files, a bad manifest
+        raise ImageNotFound(f"no usable guest image at {image}: {exc}") from exc
+
+
+def _free_cid(root: Path) -> int:
+    """The lowest guest CID that no sandbox in ``root`` uses."""
+    used = {info.vsock_cid for info in list_sandboxes(root) if info.alive}
+    cid = FIRST_VSOCK_CID
+    while cid in used:
+        cid += 1
+    return cid
+
+
+def _spawn_monitor(paths: SandboxPaths, lock_fd: int) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bulkhead.monitor",
+        paths.name,
+        "--state-dir",
+        str(paths.root),
+        "--lock-fd",
+        str(lock_fd),
+        "--detach",
+    ]
+    with open(paths.monitor_log, "ab") as log:
+        # New session, then the monitor forks again and this child exits:
+        # the monitor outlives the caller and is never its zombie.
+        child = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(lock_fd,),
+            start_new_session=True,
+            cwd="/",
+        )
+    code = child.wait(30)
+    if code != 0:
+        raise BootError(
+            f"the monitor of sandbox {paths.name!r} failed to start (status {code})",
+            monitor_tail=_tail(paths.monitor_log, 15),
+        )
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on a unix socket that the peer has not read yet (SIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return struct.unpack("i", raw)[0]
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    # Terminal control sequences in an error message could reset the user's terminal.
+    text = _CONTROL.sub("", text)
+    return "\n".join(text.splitlines()[-lines:])
+
+
+_CONTROL = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_]|c)|[\x00-\x08\x0b-\x1f\x7f]")
