@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -101,5 +102,295 @@ class ShutdownRequest(_message.Message):
     def __init__(self, reboot: _Optional[bool] = ...) -> None: ...
 
 class ShutdownResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "oci_spec", "bundle_dir")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    OCI_SPEC_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_DIR_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    oci_spec: bytes
+    bundle_dir: str
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., bundle_dir: _Optional[str] = ...) -> None: ...
+
+class CreateContainerResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class StartContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class StartContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "process")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    process: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[bytes] = ...) -> None: ...
+
+class ExecProcessResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "signal", "all")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class SignalProcessResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WaitProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class ProcessExit(_message.Message):
+    __slots__ = ("kind", "exit_code", "signal", "oom_killed", "start_failure", "pid")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ProcessExit.Kind]
+        EXITED: _ClassVar[ProcessExit.Kind]
+        SIGNALED: _ClassVar[ProcessExit.Kind]
+        START_FAILED: _ClassVar[ProcessExit.Kind]
+    KIND_UNSPECIFIED: ProcessExit.Kind
+    EXITED: ProcessExit.Kind
+    SIGNALED: ProcessExit.Kind
+    START_FAILED: ProcessExit.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
+    START_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    kind: ProcessExit.Kind
+    exit_code: int
+    signal: int
+    oom_killed: bool
+    start_failure: StartFailure
+    pid: int
+    def __init__(self, kind: _Optional[_Union[ProcessExit.Kind, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ..., start_failure: _Optional[_Union[StartFailure, _Mapping]] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class StartFailure(_message.Message):
+    __slots__ = ("step", "errno", "message")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    errno: int
+    message: str
+    def __init__(self, step: _Optional[str] = ..., errno: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RemoveContainerRequest(_message.Message):
+    __slots__ = ("container_id", "timeout_ms")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    timeout_ms: int
+    def __init__(self, container_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class RemoveContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PauseContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class PauseContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class ResumeContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpdateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "resources")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    resources: bytes
+    def __init__(self, container_id: _Optional[str] = ..., resources: _Optional[bytes] = ...) -> None: ...
+
+class UpdateContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContainerStatsRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class ContainerStats(_message.Message):
+    __slots__ = ("cpu_usage_usec", "cpu_user_usec", "cpu_system_usec", "cpu_nr_throttled", "cpu_throttled_usec", "memory_current_bytes", "memory_peak_bytes", "memory_max_bytes", "memory_oom_kills", "pids_current", "pids_max", "io_read_bytes", "io_write_bytes")
+    CPU_USAGE_USEC_FIELD_NUMBER: _ClassVar[int]
+    CPU_USER_USEC_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_USEC_FIELD_NUMBER: _ClassVar[int]
+    CPU_NR_THROTTLED_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_USEC_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CURRENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
+    IO_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IO_WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_usage_usec: int
+    cpu_user_usec: int
+    cpu_system_usec: int
+    cpu_nr_throttled: int
+    cpu_throttled_usec: int
+    memory_current_bytes: int
+    memory_peak_bytes: int
+    memory_max_bytes: int
+    memory_oom_kills: int
+    pids_current: int
+    pids_max: int
+    io_read_bytes: int
+    io_write_bytes: int
+    def __init__(self, cpu_usage_usec: _Optional[int] = ..., cpu_user_usec: _Optional[int] = ..., cpu_system_usec: _Optional[int] = ..., cpu_nr_throttled: _Optional[int] = ..., cpu_throttled_usec: _Optional[int] = ..., memory_current_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., memory_max_bytes: _Optional[int] = ..., memory_oom_kills: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_max: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
+
+class ListContainersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContainerInfo(_message.Message):
+    __slots__ = ("container_id", "status", "pid", "created_unix", "args", "rootfs", "exec_ids")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    EXEC_IDS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    status: str
+    pid: int
+    created_unix: float
+    args: _containers.RepeatedScalarFieldContainer[str]
+    rootfs: str
+    exec_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, container_id: _Optional[str] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ..., created_unix: _Optional[float] = ..., args: _Optional[_Iterable[str]] = ..., rootfs: _Optional[str] = ..., exec_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListContainersResponse(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerInfo]
+    def __init__(self, containers: _Optional[_Iterable[_Union[ContainerInfo, _Mapping]]] = ...) -> None: ...
+
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("pid", "ppid", "uid", "args", "state")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    ppid: int
+    uid: int
+    args: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    def __init__(self, pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "stdout_offset", "stderr_offset", "stdin", "stdin_eof", "ack_stdout", "ack_stderr")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STDERR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_EOF_FIELD_NUMBER: _ClassVar[int]
+    ACK_STDOUT_FIELD_NUMBER: _ClassVar[int]
+    ACK_STDERR_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    stdout_offset: int
+    stderr_offset: int
+    stdin: bytes
+    stdin_eof: bool
+    ack_stdout: int
+    ack_stderr: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[bool] = ..., ack_stdout: _Optional[int] = ..., ack_stderr: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("stdout", "stderr", "exit")
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    stdout: Output
+    stderr: Output
+    exit: ProcessExit
+    def __init__(self, stdout: _Optional[_Union[Output, _Mapping]] = ..., stderr: _Optional[_Union[Output, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ...) -> None: ...
+
+class Output(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ResizeTerminalRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "rows", "cols")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    rows: int
+    cols: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+
+class ResizeTerminalResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -56,6 +56,76 @@ class AgentStub:
                 request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.CreateContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/CreateContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerResponse.FromString,
+                _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/StartContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerResponse.FromString,
+                _registered_method=True)
+        self.ExecProcess = channel.unary_unary(
+                '/bulkhead.v1.Agent/ExecProcess',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessResponse.FromString,
+                _registered_method=True)
+        self.SignalProcess = channel.unary_unary(
+                '/bulkhead.v1.Agent/SignalProcess',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessResponse.FromString,
+                _registered_method=True)
+        self.WaitProcess = channel.unary_unary(
+                '/bulkhead.v1.Agent/WaitProcess',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.WaitProcessRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ProcessExit.FromString,
+                _registered_method=True)
+        self.RemoveContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/RemoveContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerResponse.FromString,
+                _registered_method=True)
+        self.PauseContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/PauseContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerResponse.FromString,
+                _registered_method=True)
+        self.ResumeContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/ResumeContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerResponse.FromString,
+                _registered_method=True)
+        self.UpdateContainer = channel.unary_unary(
+                '/bulkhead.v1.Agent/UpdateContainer',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerResponse.FromString,
+                _registered_method=True)
+        self.GetContainerStats = channel.unary_unary(
+                '/bulkhead.v1.Agent/GetContainerStats',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStatsRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStats.FromString,
+                _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/bulkhead.v1.Agent/ListContainers',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
+        self.ListProcesses = channel.unary_unary(
+                '/bulkhead.v1.Agent/ListProcesses',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/bulkhead.v1.Agent/Attach',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.AttachRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.AttachResponse.FromString,
+                _registered_method=True)
+        self.ResizeTerminal = channel.unary_unary(
+                '/bulkhead.v1.Agent/ResizeTerminal',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -92,6 +162,102 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateContainer(self, request, context):
+        """Containers. A container is created from an OCI runtime spec; its first
+        process is held until StartContainer. Processes are named by
+        (container_id, exec_id); exec_id "" is the container's own process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecProcess(self, request, context):
+        """A new process joining all of a running container's namespaces and cgroup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalProcess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitProcess(self, request, context):
+        """Returns once the process has exited and its output pipes reached EOF.
+        Any number of waiters; a process stays waitable until its container is removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveContainer(self, request, context):
+        """Kill every process, unmount, remove the cgroup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContainerStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcesses(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request_iterator, context):
+        """Stdio of one process, both ways, lossless. The first request names the
+        process; output already produced (buffered in the guest) comes first.
+        Output is kept until acknowledged, so a client that detaches and attaches
+        again with its acknowledged offsets misses nothing. The last response
+        carries the exit, sent only after all output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeTerminal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +280,76 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownRequest.FromString,
                     response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'CreateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerResponse.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerResponse.SerializeToString,
+            ),
+            'ExecProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecProcess,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessResponse.SerializeToString,
+            ),
+            'SignalProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalProcess,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessResponse.SerializeToString,
+            ),
+            'WaitProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitProcess,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.WaitProcessRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ProcessExit.SerializeToString,
+            ),
+            'RemoveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerResponse.SerializeToString,
+            ),
+            'PauseContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerResponse.SerializeToString,
+            ),
+            'ResumeContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerResponse.SerializeToString,
+            ),
+            'UpdateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateContainer,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerResponse.SerializeToString,
+            ),
+            'GetContainerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContainerStats,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStatsRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStats.SerializeToString,
+            ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersResponse.SerializeToString,
+            ),
+            'ListProcesses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcesses,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesResponse.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.AttachRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.AttachResponse.SerializeToString,
+            ),
+            'ResizeTerminal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeTerminal,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +462,384 @@ class Agent:
             '/bulkhead.v1.Agent/Shutdown',
             bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
             bulkhead__proto_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/CreateContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.CreateContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/StartContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.StartContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/ExecProcess',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ExecProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/SignalProcess',
+            bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.SignalProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/WaitProcess',
+            bulkhead__proto_dot_v1_dot_agent__pb2.WaitProcessRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ProcessExit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/RemoveContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.RemoveContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/PauseContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.PauseContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/ResumeContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ResumeContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/UpdateContainer',
+            bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.UpdateContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContainerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/GetContainerStats',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStatsRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ContainerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/ListContainers',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcesses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/ListProcesses',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bulkhead.v1.Agent/Attach',
+            bulkhead__proto_dot_v1_dot_agent__pb2.AttachRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeTerminal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Agent/ResizeTerminal',
+            bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalResponse.FromString,
             options,
             channel_credentials,
             insecure,
