@@ -30,5 +30,5 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
 
 if [[ "${BULKHEAD_SKIP_IMAGE:-}" != 1 ]]; then
-  bulkhead image build
+  "$PY" -m bulkhead.cli image build
 fi
