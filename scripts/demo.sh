@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+PY=${PYTHON:-python3}
+bulkhead() { "$PY" -m bulkhead.cli "$@"; }
 name=${1:-demo}
 trap 'bulkhead sandbox down "$name" >/dev/null 2>&1 || true' EXIT
 bulkhead sandbox up "$name"
