@@ -1,9 +1,14 @@
-"""Agent entry point: settings, gRPC server, transport bridges, then SERVING.
+"""Agent entry point: settings, its own cgroup, the spawner, gRPC server, transport bridges,
+then SERVING.
 
 Started by PID 1 as ``python3 -I -S`` with ``/usr/lib/bulkhead`` on sys.path.
 Only the standard library and a few tiny modules are imported at first; grpc
 and protobuf come in with ``server`` once logging works, so an import failure
 is reported on the console rather than lost.
+
+The spawner is forked before that (DESIGN decision 4): gRPC starts threads, and fork()
+copies only the calling thread; and the smaller the agent is at the fork, the cheaper the
+fork. The agent moves into its own cgroup first, so the spawner starts out there too.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import signal
 import sys
 
 from bulkhead_agent.bridge import Bridge
+from bulkhead_agent.containers import agent_cgroup
 from bulkhead_agent.settings import Settings, from_config
+from bulkhead_agent.spawner.client import Spawner
 from bulkhead_init import cmdline
 from bulkhead_init.log import Logger, boottime_ms
 
@@ -29,11 +36,15 @@ def main() -> None:
     for warning in (*warnings, *env_warnings):
         log.warning(warning)
     _protect_from_oom(log)
+    cgroup_dir = agent_cgroup.setup(settings.cgroup_dir, log)
+    spawner = Spawner.launch()
     try:
-        code = asyncio.run(_run(settings, started_ms, log))
+        code = asyncio.run(_run(settings, started_ms, log, spawner, cgroup_dir))
     except Exception as exc:
         log.error(f"agent failed: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        spawner.close(kill=True)
     sys.exit(code)
 
 
@@ -45,8 +56,12 @@ def _protect_from_oom(log: Logger) -> None:
         log.debug(f"cannot set oom_score_adj: {exc}")
 
 
-async def _run(settings: Settings, started_ms: float, log: Logger) -> int:
+async def _run(
+    settings: Settings, started_ms: float, log: Logger, spawner: Spawner, cgroup_dir: str | None
+) -> int:
     # grpc and protobuf come in here, after logging works.
+    from bulkhead_agent.containers.cgroup_tree import CgroupTree
+    from bulkhead_agent.containers.manager import Manager
     from bulkhead_agent.server import AgentServer
     from bulkhead_agent.state import AgentState
 
@@ -56,11 +71,17 @@ async def _run(settings: Settings, started_ms: float, log: Logger) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     state = AgentState(settings=settings, started_ms=started_ms)
-    server = AgentServer(state, log)
+    containers = Manager(settings, spawner, CgroupTree(cgroup_dir) if cgroup_dir else None, log)
+    try:
+        containers.prepare()
+    except OSError as exc:  # creating containers will say so again, per request
+        log.error(f"cannot prepare {settings.containers_dir}: {exc}")
+    server = AgentServer(state, log, containers)
     await server.start()
 
     bridges, features = await _start_bridges(settings, log)
-    state.features = ["health", "reflection", *features]
+    extra = ["containers", *(["cgroup2"] if cgroup_dir else [])]
+    state.features = ["health", "reflection", *extra, *features]
     await server.set_serving()
     state.ready_ms = boottime_ms()
     log.info(
@@ -75,6 +96,9 @@ async def _run(settings: Settings, started_ms: float, log: Logger) -> int:
     await server.stop(STOP_GRACE_S)
     for bridge in bridges:
         bridge.close()
+    # The guest is going down (or the agent restarts and could not find them again):
+    # leave no process, mount or cgroup behind.
+    await containers.shutdown()
     log.info("stopped")
     return 0
 

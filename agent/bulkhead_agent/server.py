@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bulkhead_agent.containers.manager import Manager
 from bulkhead_agent.services.agent import AgentService
 from bulkhead_agent.state import AgentState
 from bulkhead_init.log import Logger
@@ -47,12 +48,14 @@ def prepare_run_dir(run_dir: str, socket_path: str) -> None:
 
 
 class AgentServer:
-    def __init__(self, state: AgentState, log: Logger) -> None:
+    def __init__(self, state: AgentState, log: Logger, containers: Manager) -> None:
         self.socket_path = state.settings.socket_path
         self._log = log
         self._server = grpc.aio.server(options=_OPTIONS)
         self._health = health.aio.HealthServicer()
-        agent_pb2_grpc.add_AgentServicer_to_server(AgentService(state, log), self._server)
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentService(state, log, containers), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from bulkhead_init.cmdline import LOG_LEVELS, Config
 
 DEFAULT_RUN_DIR = "/run/bulkhead"
+# The image builder puts a small busybox root filesystem here (CreateContainer's default).
+DEFAULT_ROOTFS = "/usr/share/bulkhead/rootfs"
+# The agent's own cgroup subtree: itself in agent/, containers below containers/.
+DEFAULT_CGROUP_DIR = "/sys/fs/cgroup/bulkhead"
 
 
 @dataclass(frozen=True)
@@ -24,10 +28,17 @@ class Settings:
     serial_device: str = ""  # explicit device/fifo/unix-socket path instead of discovery
     tcp_port: int = 0  # 0: off (development only)
     init_pid: int = 1  # who receives the power-off / reboot signal
+    default_rootfs: str = DEFAULT_ROOTFS
+    cgroup_dir: str = DEFAULT_CGROUP_DIR
 
     @property
     def socket_path(self) -> str:
         return os.path.join(self.run_dir, "agent.sock")
+
+    @property
+    def containers_dir(self) -> str:
+        """Per-container state (overlay upper/work, the merged rootfs), never in a container."""
+        return os.path.join(self.run_dir, "containers")
 
 
 def _int_env(env: Mapping[str, str], key: str, default: int, hi: int, warnings: list[str]) -> int:
@@ -66,5 +77,7 @@ def from_config(config: Config, env: Mapping[str, str] | None = None) -> tuple[S
         serial_device=env.get("BULKHEAD_SERIAL_DEVICE", ""),
         tcp_port=_int_env(env, "BULKHEAD_TCP_PORT", config.tcp_port, 65535, warnings),
         init_pid=pid if pid > 0 else 1,
+        default_rootfs=env.get("BULKHEAD_DEFAULT_ROOTFS") or DEFAULT_ROOTFS,
+        cgroup_dir=env.get("BULKHEAD_CGROUP_DIR") or DEFAULT_CGROUP_DIR,
     )
     return settings, warnings

@@ -20,7 +20,9 @@ Creating a container (``CREATE_STEPS``), in the child the spawner forked:
    guest, the rootfs bound onto itself, the spec's mounts, default devices, pivot_root (or,
    when the guest runs from its initramfs, which cannot be pivoted away from, a move + chroot)
 5. the UTS names, sysctls, read-only and masked paths, a read-only root
-6. the process: rlimits, capability bounding set, user and groups,
+6. the console, when the process wants a terminal and the agent asked for one made inside
+   the container: a pty from the container's own devpts (so ``tty`` names it), whose master
+   goes back to the agent; then rlimits, capability bounding set, user and groups,
    capabilities, no_new_privs, working directory, stray fds closed
 7. report "ready" and hold until the spawner says "start" (the OCI create/start split)
 8. seccomp (last, when no_new_privs allows it; otherwise before the privileges are dropped,
@@ -84,7 +86,7 @@ _RLIM_INFINITY_JSON = 2**64 - 1
 class Channel(Protocol):
     """The child's end of its link to the spawner."""
 
-    def send(self, message: dict[str, Any]) -> None: ...
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None: ...
 
     def recv(self) -> dict[str, Any] | None: ...  # None: the spawner went away
 
@@ -111,6 +113,7 @@ class Context:
         "bundle",
         "cgroup",
         "channel",
+        "console",
         "fork_for_pid_ns",
         "hold",
         "in_user_ns",
@@ -140,9 +143,10 @@ class Context:
         pid_ns_ready: bool = False,  # the spawner forked us straight into the PID namespace
         join_pid: int = 0,  # exec: a process of the container to join
         hold: bool = False,  # create: wait for "start" before exec
+        console: bool = False,  # make the pty inside the container; stdio is then empty
     ) -> None:
         self.process = process
-        self.stdio = stdio  # 3 fds (stdin, stdout, stderr) or 1 (a pty slave)
+        self.stdio = stdio  # 3 fds (stdin, stdout, stderr), 1 (a pty slave), or none (console)
         self.channel: Channel = cast(Channel, None)  # the spawner sets it in the child
         self.spec = spec
         self.bundle = bundle
@@ -154,6 +158,7 @@ class Context:
         self.pid_ns_ready = pid_ns_ready
         self.join_pid = join_pid
         self.hold = hold
+        self.console = console
         # learnt along the way
         self.in_user_ns = False
         self.joined_mount_ns = False
@@ -206,6 +211,15 @@ def reset_signals(ctx: Context) -> None:
 
 @_named("setup_stdio")
 def setup_stdio(ctx: Context) -> None:
+    if not ctx.stdio:
+        # The console comes later (open_console); until then nothing of the spawner's.
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for target in range(3):
+                os.dup2(null, target, inheritable=True)
+        finally:
+            os.close(null)
+        return
     # Move the received fds out of the way first: one of them could be 0, 1 or 2 already.
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in ctx.stdio]
     targets = high * 3 if len(high) == 1 else high
@@ -221,11 +235,15 @@ def new_session(ctx: Context) -> None:
     # Its own session, so that "kill -TERM 0" in the container cannot reach the agent.
     # After the PID-namespace fork: a session leader that exits hangs up its terminal.
     os.setsid()
-    if ctx.process.terminal:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        if ctx.process.console_size:
-            height, width = ctx.process.console_size
-            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+    if ctx.process.terminal and not ctx.console:
+        _take_terminal(ctx)
+
+
+def _take_terminal(ctx: Context) -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    if ctx.process.console_size:
+        height, width = ctx.process.console_size
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
 
 # --- 2. cgroup -------------------------------------------------------------------------------
@@ -565,7 +583,32 @@ def make_root_readonly(ctx: Context) -> None:
         m.mount(None, "/", None, m.MS_BIND | m.MS_REMOUNT | flags)
 
 
-# --- 6. the process --------------------------------------------------------------------------
+# --- 6. the console, the process ------------------------------------------------------------
+
+
+@_named("open_console")
+def open_console(ctx: Context) -> None:
+    """A pty from the container's devpts: stdio and controlling terminal; master to the agent.
+
+    After the mounts (or the joins), so /dev/ptmx is the container's and the slave has a
+    name there. Before the user switch, like the rest of setup, but the slave is handed to
+    the process's user, so that it can open its own terminal again by name.
+    """
+    if not ctx.console:
+        return
+    master, slave = os.openpty()  # /dev/ptmx, then /dev/pts/N: both the container's now
+    try:
+        for target in range(3):
+            os.dup2(slave, target, inheritable=True)
+        _take_terminal(ctx)
+        try:
+            os.fchown(slave, ctx.process.user.uid, -1)
+        except OSError:
+            pass  # the uid is not mapped in a user namespace: the terminal still works
+        ctx.channel.send({"console": True}, [master])
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 @_named("set_rlimits")
@@ -721,6 +764,7 @@ def exec_process(ctx: Context) -> None:
 # --- the sequences ---------------------------------------------------------------------------
 
 _PROCESS_STEPS: tuple[Step, ...] = (
+    open_console,
     set_rlimits,
     install_seccomp_early,
     drop_bounding_capabilities,

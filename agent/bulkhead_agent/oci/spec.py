@@ -692,6 +692,13 @@ def _resources(obj: _Object | None) -> Resources | None:
     )
 
 
+def parse_resources(value: Any, path: str = "linux.resources") -> Resources:
+    """Validate a ``linux.resources`` object on its own (UpdateContainer sends one)."""
+    resources = _resources(_Object(value, path))
+    assert resources is not None  # _Object refused anything but an object
+    return resources
+
+
 def _seccomp(obj: _Object | None) -> Seccomp | None:
     if obj is None:
         return None

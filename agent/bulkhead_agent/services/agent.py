@@ -1,4 +1,5 @@
-"""The ``bulkhead.v1.Agent`` servicer: guest details, time, entropy, shutdown.
+"""The ``bulkhead.v1.Agent`` servicer: guest details, time, entropy, shutdown here; the
+container, process and stdio RPCs come from the ``services.containers`` mixin.
 
 Every handler runs on the event loop. They only touch small kernel files and
 syscalls, so none of them needs a worker thread (threads cost memory in every VM).
@@ -16,7 +17,9 @@ import grpc
 
 import bulkhead_proto
 from bulkhead_agent import __version__
+from bulkhead_agent.containers.manager import Manager
 from bulkhead_agent.services import guest_facts
+from bulkhead_agent.services.containers import ContainerRpcs
 from bulkhead_agent.state import AgentState
 from bulkhead_init.log import Logger
 from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
@@ -29,10 +32,11 @@ RNDADDENTROPY = 0x40085203
 SHUTDOWN_DELAY_S = 0.2
 
 
-class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, state: AgentState, log: Logger) -> None:
+class AgentService(ContainerRpcs, agent_pb2_grpc.AgentServicer):
+    def __init__(self, state: AgentState, log: Logger, containers: Manager) -> None:
         self._state = state
         self._log = log
+        self._containers = containers
 
     async def GetGuestDetails(
         self, request: agent_pb2.GetGuestDetailsRequest, context: grpc.aio.ServicerContext

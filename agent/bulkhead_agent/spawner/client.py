@@ -4,6 +4,11 @@
 executors): fork() copies only the calling thread. The async methods then work from one
 asyncio loop, which watches the socket with ``loop.add_reader``. Exit events arrive on
 ``Spawner.exits`` (an ``asyncio.Queue``), or go to ``on_exit`` if one is given.
+
+A process with a terminal gets either a pty slave the caller made (``stdio=[slave]``), or,
+with ``create_console``/``exec_console``, a pty the process makes inside the container,
+from the container's own devpts, whose master comes back with the reply: only then does the
+slave have a name in the container (``tty`` prints it).
 """
 
 from __future__ import annotations
@@ -119,6 +124,22 @@ class Spawner:
         reply = await self._request("create", fields, stdio)
         return int(reply["pid"])
 
+    async def create_console(
+        self, container_id: str, *, bundle: str, spec: dict[str, Any], cgroup: str = ""
+    ) -> tuple[int, int]:
+        """As :meth:`create` for a ``process.terminal`` spec, with the pty made inside the
+        container (it needs a devpts there); returns (pid, pty master), the master is ours."""
+        fields: dict[str, Any] = {
+            "container_id": container_id,
+            "bundle": bundle,
+            "spec": spec,
+            "console": True,
+        }
+        if cgroup:
+            fields["cgroup"] = cgroup
+        reply = await self._request("create", fields)
+        return int(reply["pid"]), _console_of(reply)
+
     async def start(self, container_id: str) -> None:
         """Release a created container; returns once its exec succeeded (or raises)."""
         await self._request("start", {"container_id": container_id})
@@ -135,6 +156,19 @@ class Spawner:
         fields = {"container_id": container_id, "process": process, "exec_id": exec_id}
         reply = await self._request("exec", fields, stdio)
         return int(reply["pid"])
+
+    async def exec_console(
+        self, container_id: str, process: dict[str, Any], *, exec_id: str = ""
+    ) -> tuple[int, int]:
+        """As :meth:`exec` with a terminal made inside the container: (pid, pty master)."""
+        fields = {
+            "container_id": container_id,
+            "process": process,
+            "exec_id": exec_id,
+            "console": True,
+        }
+        reply = await self._request("exec", fields)
+        return int(reply["pid"]), _console_of(reply)
 
     async def signal(self, pid: int, signo: int) -> None:
         """Signal one of the spawner's processes (never a pid it has already reaped)."""
@@ -209,9 +243,14 @@ class Spawner:
         try:
             await self._send({"op": op, "id": request, **fields}, fds)
             reply = await future
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                _close_fds(future.result())  # cancelled after the reply came: no leak
+            raise
         finally:
             self._pending.pop(request, None)
         if not reply.get("ok"):
+            _close_fds(reply)
             error = reply.get("error") or {}
             raise SpawnError(
                 error.get("step", ""), int(error.get("errno", 0)), error.get("message", "")
@@ -246,14 +285,20 @@ class Spawner:
                 self._on_gone()
                 return
             message, fds = got
-            for fd in fds:
-                os.close(fd)
             if message.get("event") == "exit":
+                for fd in fds:
+                    os.close(fd)
                 self._deliver(message)
             elif "id" in message:
+                message[_FDS] = fds  # a console master, for the caller
                 future = self._pending.get(message["id"])
                 if future is not None and not future.done():
                     future.set_result(message)
+                else:
+                    _close_fds(message)
+            else:
+                for fd in fds:
+                    os.close(fd)
 
     def _deliver(self, message: dict[str, Any]) -> None:
         event = ExitEvent(
@@ -279,3 +324,20 @@ class Spawner:
             if not future.done():
                 future.set_exception(SpawnerGone("the spawner has exited"))
         self._pending.clear()
+
+
+_FDS = "$fds"  # where a reply carries the fds that came with it
+
+
+def _close_fds(reply: dict[str, Any]) -> None:
+    for fd in reply.pop(_FDS, ()):
+        os.close(fd)
+
+
+def _console_of(reply: dict[str, Any]) -> int:
+    fds = reply.pop(_FDS, [])
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise SpawnError("console", 0, f"expected the console's pty master, got {len(fds)} fds")
+    return fds[0]

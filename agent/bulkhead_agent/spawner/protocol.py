@@ -114,8 +114,8 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def send(self, message: dict[str, Any]) -> None:
-        send(self.sock, message)
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        send(self.sock, message, fds or ())
 
     def recv(self) -> dict[str, Any] | None:
         got = recv(self.sock)

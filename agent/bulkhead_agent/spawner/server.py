@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 from ..linux import mounts, namespaces, prctl
@@ -58,6 +59,7 @@ class Child:
     __slots__ = (
         "cgroup",
         "channel",
+        "console",
         "container_id",
         "helper",
         "kind",
@@ -90,6 +92,7 @@ class Child:
         self.spec: Spec | None = None
         self.cgroup = ""
         self.status: int | None = None  # wait status, once reaped
+        self.console = -1  # the pty master the child made in the container, until replied
         self.container_id = name if kind == "container" else ""
 
 
@@ -205,7 +208,8 @@ class Server:
             spec = parse(message["spec"])
         else:
             spec = load(os.path.join(bundle, "config.json"))
-        _check_stdio(spec.process, fds)
+        console = bool(message.get("console"))
+        _check_stdio(spec.process, fds, console)
         if spec.linux.seccomp is not None:
             _import_seccomp()
         rootfs = spec.root.path
@@ -221,6 +225,7 @@ class Server:
             seccomp=spec.linux.seccomp,
             no_pivot=self.no_pivot,
             hold=True,
+            console=console,
         )
         pid_ns = spec.linux.namespace("pid")
         pid_ns_path = ""
@@ -262,7 +267,8 @@ class Server:
         if container is None or container.state not in (CREATED, RUNNING) or not container.pid:
             raise RequestError("exec", errno.ESRCH, f"container {container_id!r} is not running")
         process = parse_process(message.get("process"), "process")
-        _check_stdio(process, fds)
+        console = bool(message.get("console"))
+        _check_stdio(process, fds, console)
         target = container.pid
         assert container.spec is not None
         ctx = setup.Context(
@@ -271,6 +277,7 @@ class Server:
             cgroup=container.cgroup,
             seccomp=container.spec.linux.seccomp,
             join_pid=target,
+            console=console,
         )
         pid_ns_path = "" if _same_namespace(target, "pid") else f"/proc/{target}/ns/pid"
         exec_id = message.get("exec_id") or ""
@@ -432,6 +439,8 @@ class Server:
             self._on_channel_closed(child)
             return
         message, fds = got
+        if "console" in message and fds and child.console < 0:
+            child.console = fds.pop(0)  # kept for the reply to the agent
         for fd in fds:
             os.close(fd)
         if "pid" in message:
@@ -446,6 +455,7 @@ class Server:
             self._settle_ready(child)
         elif "error" in message:
             child.state = FAILED
+            self._drop_console(child)
             self._reply(child.request, False, error=message["error"])
             self._close_channel(child)
             self._forget_container(child)
@@ -455,7 +465,7 @@ class Server:
         # may arrive in either order; the reply needs both.
         if child.ready and child.pid is not None and child.state == CREATING:
             child.state = CREATED
-            self._reply(child.request, True, pid=child.pid)
+            self._reply(child.request, True, self._take_console(child), pid=child.pid)
 
     def _write_id_maps(self, child: Child) -> None:
         assert child.spec is not None
@@ -481,7 +491,7 @@ class Server:
             # Every holder of the child's end exec'd: the process runs.
             child.state = RUNNING
             if child.kind == "exec":
-                self._reply(child.request, True, pid=child.pid)
+                self._reply(child.request, True, self._take_console(child), pid=child.pid)
             else:
                 self._reply(child.request, True)
         elif child.state == CREATED:
@@ -491,6 +501,16 @@ class Server:
             self._forget_container(child)
             if child.status is not None:
                 self._reply_died(child)
+
+    def _take_console(self, child: Child) -> list[int]:
+        """The console master for a reply (which closes it once sent), if there is one."""
+        fd, child.console = child.console, -1
+        return [fd] if fd >= 0 else []
+
+    def _drop_console(self, child: Child) -> None:
+        if child.console >= 0:
+            os.close(child.console)
+            child.console = -1
 
     def _close_channel(self, child: Child) -> None:
         if child.channel is not None:
@@ -547,6 +567,7 @@ class Server:
         child.status = status
         # All its holders are gone, so what it wrote, and the end of stream, are queued.
         self._drain(child)
+        self._drop_console(child)  # unless a reply took it
         if child.state == RUNNING:
             self._send_exit(child, status)
         elif child.state == DIED:
@@ -567,6 +588,7 @@ class Server:
     def _reply_died(self, child: Child) -> None:
         status = child.status if child.status is not None else 0
         message = f"process {describe_status(status)} during setup"
+        self._drop_console(child)
         self._reply(child.request, False, error=_error("setup", 0, message))
         child.state = FAILED
 
@@ -583,12 +605,16 @@ class Server:
 
     # --- output ----------------------------------------------------------------------------
 
-    def _reply(self, request: Any, ok: bool, **fields: Any) -> None:
-        self._send({"id": request, "ok": ok, **fields})
-
-    def _send(self, message: dict[str, Any]) -> None:
+    def _reply(self, request: Any, ok: bool, fds: Sequence[int] = (), **fields: Any) -> None:
         try:
-            protocol.send(self.sock, message)
+            self._send({"id": request, "ok": ok, **fields}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)  # the agent has its own copy now (or is gone)
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        try:
+            protocol.send(self.sock, message, fds)
         except OSError:
             self.running = False  # the agent is gone
 
@@ -612,7 +638,14 @@ def _string(message: dict[str, Any], key: str) -> str:
     return value
 
 
-def _check_stdio(process: Process, fds: list[int]) -> None:
+def _check_stdio(process: Process, fds: list[int], console: bool) -> None:
+    if console:
+        # The child makes its own pty inside the container and sends back the master.
+        if not process.terminal:
+            raise RequestError("request", errno.EINVAL, "console: needs process.terminal")
+        if fds:
+            raise RequestError("request", errno.EINVAL, "stdio: none with console")
+        return
     want = 1 if process.terminal else 3
     if len(fds) != want:
         what = "1 fd (a pty)" if process.terminal else "3 fds (stdin, stdout, stderr)"
