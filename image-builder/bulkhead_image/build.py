@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,13 @@ main()
 """
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+CONTAINER_ROOTFS = "/usr/share/bulkhead/rootfs"
+CONTAINER_PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "daemon:x:1:1:daemon:/:/bin/false\n"
+    "nobody:x:65534:65534:nobody:/:/bin/false\n"
+)
+CONTAINER_GROUP = "root:x:0:\ndaemon:x:1:\ntty:x:5:\nnogroup:x:65534:\n"
 GROUP = "root:x:0:\n"
 
 # Imported by the smoke test besides every module of our own packages.
@@ -153,6 +161,30 @@ def build_image(
     return info
 
 
+def _add_container_rootfs(st: stage.Stage, quarry: Path) -> int:
+    """The default container root filesystem: static busybox and its applets.
+
+    Containers never write to it: the agent gives each one its own overlay on top.
+    """
+    root = CONTAINER_ROOTFS
+    for d in ("bin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "var", "home"):
+        st.mkdir(f"{root}/{d}", 0o1777 if d == "tmp" else 0o755)
+    st.copy_file(quarry / "usr/bin/busybox", f"{root}/bin/busybox", 0o755)
+    listing = subprocess.run(
+        ["chroot", str(quarry), "/usr/bin/busybox", "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    applets = sorted(a for a in listing if a != "busybox" and "/" not in a)
+    for applet in applets:
+        st.symlink(f"{root}/bin/{applet}", "busybox")
+    st.write(f"{root}/etc/passwd", CONTAINER_PASSWD)
+    st.write(f"{root}/etc/group", CONTAINER_GROUP)
+    st.write(f"{root}/etc/hostname", "container\n")
+    return len(applets)
+
+
 def _point_latest(key: str, cache_dir: Path) -> None:
     latest = cache.images_dir(cache_dir) / "latest"
     try:
@@ -208,6 +240,8 @@ def _build(inp: inputs.Inputs, key: str, cache_dir: Path, tmp: Path, say: Progre
     st.write("/init", INIT_LAUNCHER, 0o755)
     st.write("/etc/passwd", PASSWD)
     st.write("/etc/group", GROUP)
+    applets = _add_container_rootfs(st, quarry)
+    say(f"default container root filesystem: busybox with {applets} applets at {CONTAINER_ROOTFS}")
 
     sources = sorted(
         "/" + p.relative_to(st.root).as_posix() for p in st.root.rglob("*.py") if not p.is_symlink()
