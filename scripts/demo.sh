@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: boot a sandbox, show what is inside it, take it down.
+# The main job: boot a sandbox, run a container in it, list it, take everything down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -8,6 +8,8 @@ bulkhead() { "$PY" -m bulkhead.cli "$@"; }
 name=${1:-demo}
 trap 'bulkhead sandbox down "$name" >/dev/null 2>&1 || true' EXIT
 bulkhead sandbox up "$name"
-bulkhead sandbox info "$name"
+# shellcheck disable=SC2016  # $(hostname) is for the container's shell, not this one
+bulkhead run --sandbox "$name" --name hello -- sh -c 'echo hello from $(hostname); uname -r; id'
+bulkhead ps "$name"
 bulkhead sandbox down "$name"
 trap - EXIT

@@ -3,8 +3,9 @@
     from bulkhead import Sandbox
 
     with Sandbox.up("demo", memory_mib=512) as sb:
-        details = sb.agent.guest_details()
-        print(details.kernel_release, details.boot.agent_ready_ms)
+        proc = sb.run(["sh", "-c", "echo hello from $(hostname)"])
+        out, err = proc.communicate()
+        print(out.decode(), proc.returncode)
 
 ``Sandbox`` owns the VM (through a per-sandbox monitor process); ``AgentClient``
 talks to an agent through any unix socket or gRPC target; the transports reach
@@ -26,10 +27,13 @@ from .errors import (
     ImageNotFound,
     InvalidArgument,
     NotFound,
+    ProcessTimeout,
     QemuError,
     SandboxError,
     SandboxExists,
     SandboxNotFound,
+    SpecError,
+    StdioError,
     TransportError,
     Unavailable,
 )
@@ -38,9 +42,19 @@ from .errors import (
 # starts from this package and must not pay for grpc it never uses.
 _LAZY = {
     "AgentClient": "client",
+    "Attachment": "process",
     "BootTimeline": "details",
+    "Container": "containers",
+    "ContainerInfo": "details",
+    "ContainerStats": "details",
     "GuestDetails": "details",
+    "Output": "process",
+    "Process": "process",
+    "ProcessExit": "details",
+    "ProcessInfo": "details",
     "ProcessMemory": "details",
+    "StartFailure": "details",
+    "make_spec": "spec",
     "UnixRelay": "relay",
     "Sandbox": "sandbox",
     "SandboxDetails": "sandbox",
@@ -53,9 +67,21 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .client import AgentClient
-    from .details import BootTimeline, GuestDetails, ProcessMemory
+    from .containers import Container
+    from .details import (
+        BootTimeline,
+        ContainerInfo,
+        ContainerStats,
+        GuestDetails,
+        ProcessExit,
+        ProcessInfo,
+        ProcessMemory,
+        StartFailure,
+    )
+    from .process import Attachment, Output, Process
     from .relay import UnixRelay
     from .sandbox import Sandbox, SandboxDetails
+    from .spec import make_spec
     from .state import SandboxInfo
     from .transport import HybridVsockTransport, SerialMuxTransport, Transport, VsockTransport
 
@@ -76,9 +102,13 @@ __all__ = [
     "AgentClient",
     "AgentError",
     "AlreadyExists",
+    "Attachment",
     "BootError",
     "BootTimeline",
     "BulkheadError",
+    "Container",
+    "ContainerInfo",
+    "ContainerStats",
     "DeadlineExceeded",
     "FailedPrecondition",
     "GuestDetails",
@@ -86,7 +116,12 @@ __all__ = [
     "ImageNotFound",
     "InvalidArgument",
     "NotFound",
+    "Output",
+    "Process",
+    "ProcessExit",
+    "ProcessInfo",
     "ProcessMemory",
+    "ProcessTimeout",
     "QemuError",
     "Sandbox",
     "SandboxDetails",
@@ -95,9 +130,13 @@ __all__ = [
     "SandboxInfo",
     "SandboxNotFound",
     "SerialMuxTransport",
+    "SpecError",
+    "StartFailure",
+    "StdioError",
     "Transport",
     "TransportError",
     "Unavailable",
     "UnixRelay",
     "VsockTransport",
+    "make_spec",
 ]

@@ -1,7 +1,8 @@
 """The ``bulkhead`` command: build the guest image, run sandboxes, look inside them.
 
 Expected failures print ``bulkhead: error: <message>`` and exit 1 (2 for
-usage errors); every read command takes ``--json``.
+usage errors; ``run`` and ``exec`` exit 125, leaving the rest to the container's
+own status, as docker does); every read command takes ``--json``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import cli_containers
 from .errors import BulkheadError, ImageNotFound
 from .qemu import ACCELS
 from .sandbox import Sandbox, SandboxDetails
@@ -22,14 +24,14 @@ MiB = 1024 * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = cli_containers.parse_args(_parser, argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not hasattr(args, "func"):
-        parser.print_usage(sys.stderr)
+        _parser().print_usage(sys.stderr)
         return 2
     try:
         return args.func(args) or 0
@@ -39,14 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
     except KeyboardInterrupt:
         return 130
-    return 1
+    except BaseException as exc:
+        status = cli_containers.terminated_status(exc)
+        if status is None:
+            raise
+        return status
+    return getattr(args, "error_status", 1)
 
 
 def _error(message: str) -> None:
     print(f"bulkhead: error: {message}", file=sys.stderr)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulkhead", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--state-dir",
@@ -54,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         help="where sandbox state lives (default: $BULKHEAD_STATE_DIR, /run/bulkhead as root)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is going on")
-    groups = parser.add_subparsers(title="commands", metavar="{image,sandbox}")
+    groups = parser.add_subparsers(
+        title="commands",
+        metavar="{image,sandbox,run,exec,ps,kill,rm,pause,resume,stats}",
+    )
 
     image = groups.add_parser("image", help="the guest image").add_subparsers(metavar="COMMAND")
     p = image.add_parser("build", help="build the guest kernel + initramfs into the cache")
@@ -93,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sandbox.add_parser("console", help="print the guest console log")
     p.add_argument("name")
     p.set_defaults(func=cmd_sandbox_console)
+
+    cli_containers.add_parsers(groups, command_nargs)
     return parser
 
 

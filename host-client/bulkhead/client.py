@@ -7,19 +7,24 @@ otherwise) and raises an ``AgentError`` subclass named after the gRPC status
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
 
-from .details import GuestDetails
-from .errors import AgentError, DeadlineExceeded, from_rpc_error
+from .details import ContainerInfo, ContainerStats, GuestDetails, ProcessExit, ProcessInfo
+from .errors import AgentError, DeadlineExceeded, ProcessTimeout, from_rpc_error
+
+if TYPE_CHECKING:
+    from .process import Attachment
 
 _T = TypeVar("_T")
 
@@ -162,10 +167,247 @@ class AgentClient:
             timeout,
         )
 
+    # -- containers --
+
+    def create_container(
+        self,
+        container_id: str,
+        spec: dict[str, Any] | bytes,
+        bundle_dir: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> int:
+        """Create a container from an OCI runtime spec; its process is held until started.
+
+        ``spec`` is a ``config.json`` as a dict or as bytes (see ``bulkhead.spec``).
+        ``bundle_dir`` is the guest directory a relative ``root.path`` is resolved
+        in; ``""`` means the image's default busybox root filesystem. Returns
+        the held process's guest pid.
+        """
+        reply = self._call(
+            "CreateContainer",
+            self._agent.CreateContainer,
+            agent_pb2.CreateContainerRequest(
+                container_id=container_id, oci_spec=_json(spec), bundle_dir=bundle_dir
+            ),
+            timeout,
+        )
+        return reply.pid
+
+    def start_container(self, container_id: str, *, timeout: float | None = None) -> None:
+        """Let a created container's process run its command."""
+        self._call(
+            "StartContainer",
+            self._agent.StartContainer,
+            agent_pb2.StartContainerRequest(container_id=container_id),
+            timeout,
+        )
+
+    def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any] | bytes,
+        *,
+        timeout: float | None = None,
+    ) -> int:
+        """Start a new process in a running container; returns its guest pid.
+
+        ``process`` is an OCI ``process`` object; fields left out are the
+        container's (see ``bulkhead.spec.make_exec_process``).
+        """
+        reply = self._call(
+            "ExecProcess",
+            self._agent.ExecProcess,
+            agent_pb2.ExecProcessRequest(
+                container_id=container_id, exec_id=exec_id, process=_json(process)
+            ),
+            timeout,
+        )
+        return reply.pid
+
+    def signal_process(
+        self,
+        container_id: str,
+        exec_id: str = "",
+        signal: int = 15,
+        all: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``signal`` to one process, or with ``all`` to every process of the container."""
+        self._call(
+            "SignalProcess",
+            self._agent.SignalProcess,
+            agent_pb2.SignalProcessRequest(
+                container_id=container_id, exec_id=exec_id, signal=int(signal), all=all
+            ),
+            timeout,
+        )
+
+    def wait_process(
+        self, container_id: str, exec_id: str = "", timeout: float | None = None
+    ) -> ProcessExit:
+        """Block until the process has exited and all its output is out; how it ended.
+
+        ``timeout=None`` waits as long as it takes; otherwise ``ProcessTimeout``
+        after ``timeout`` seconds (the process keeps running).
+        """
+        try:
+            reply = self._call(
+                "WaitProcess",
+                self._agent.WaitProcess,
+                agent_pb2.WaitProcessRequest(container_id=container_id, exec_id=exec_id),
+                math.inf if timeout is None else timeout,
+            )
+        except DeadlineExceeded as exc:
+            what = f"{container_id}/{exec_id}" if exec_id else container_id
+            raise ProcessTimeout(f"{what} did not exit within {timeout:g}s") from exc
+        return ProcessExit.from_proto(reply)
+
+    def remove_container(
+        self, container_id: str, timeout: float = 10, *, rpc_timeout: float | None = None
+    ) -> None:
+        """Kill every process (SIGTERM, SIGKILL after ``timeout`` s; 0: SIGKILL at once), unmount
+        and remove the cgroup. The call itself may take ``timeout`` plus the client's default."""
+        self._call(
+            "RemoveContainer",
+            self._agent.RemoveContainer,
+            agent_pb2.RemoveContainerRequest(
+                container_id=container_id, timeout_ms=max(0, round(timeout * 1000))
+            ),
+            rpc_timeout if rpc_timeout is not None else timeout + self.timeout,
+        )
+
+    def pause_container(self, container_id: str, *, timeout: float | None = None) -> None:
+        """Freeze every process of the container (cgroup.freeze)."""
+        self._call(
+            "PauseContainer",
+            self._agent.PauseContainer,
+            agent_pb2.PauseContainerRequest(container_id=container_id),
+            timeout,
+        )
+
+    def resume_container(self, container_id: str, *, timeout: float | None = None) -> None:
+        """Thaw a paused container."""
+        self._call(
+            "ResumeContainer",
+            self._agent.ResumeContainer,
+            agent_pb2.ResumeContainerRequest(container_id=container_id),
+            timeout,
+        )
+
+    def update_container(
+        self,
+        container_id: str,
+        resources: dict[str, Any] | bytes,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Change a container's limits; ``resources`` is an OCI ``linux.resources`` object."""
+        self._call(
+            "UpdateContainer",
+            self._agent.UpdateContainer,
+            agent_pb2.UpdateContainerRequest(container_id=container_id, resources=_json(resources)),
+            timeout,
+        )
+
+    def container_stats(self, container_id: str, *, timeout: float | None = None) -> ContainerStats:
+        """CPU, memory, pids and io use of a container, from its cgroup."""
+        reply = self._call(
+            "GetContainerStats",
+            self._agent.GetContainerStats,
+            agent_pb2.ContainerStatsRequest(container_id=container_id),
+            timeout,
+        )
+        return ContainerStats.from_proto(reply)
+
+    def list_containers(self, *, timeout: float | None = None) -> list[ContainerInfo]:
+        """Every container the agent knows, in any status."""
+        reply = self._call(
+            "ListContainers",
+            self._agent.ListContainers,
+            agent_pb2.ListContainersRequest(),
+            timeout,
+        )
+        return [ContainerInfo.from_proto(c) for c in reply.containers]
+
+    def list_processes(
+        self, container_id: str, *, timeout: float | None = None
+    ) -> list[ProcessInfo]:
+        """The processes in a container's cgroup, with guest pids."""
+        reply = self._call(
+            "ListProcesses",
+            self._agent.ListProcesses,
+            agent_pb2.ListProcessesRequest(container_id=container_id),
+            timeout,
+        )
+        return [ProcessInfo.from_proto(p) for p in reply.processes]
+
+    def resize_terminal(
+        self,
+        container_id: str,
+        exec_id: str,
+        rows: int,
+        cols: int,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Set the window size of a process's terminal (its shell gets SIGWINCH)."""
+        self._call(
+            "ResizeTerminal",
+            self._agent.ResizeTerminal,
+            agent_pb2.ResizeTerminalRequest(
+                container_id=container_id, exec_id=exec_id, rows=rows, cols=cols
+            ),
+            timeout,
+        )
+
+    def attach(
+        self,
+        container_id: str,
+        exec_id: str = "",
+        *,
+        stdout_offset: int = 0,
+        stderr_offset: int = 0,
+        **options: Any,
+    ) -> Attachment:
+        """Open the stdio stream of a process: its output in order, then its exit.
+
+        Returns a connected ``bulkhead.process.Attachment``; the offsets resume
+        a stream another attachment left off. ``options`` go to ``Attachment``
+        (``ack_bytes``, ``ack_interval``).
+        """
+        from .process import Attachment
+
+        attachment = Attachment(
+            self,
+            container_id,
+            exec_id,
+            stdout_offset=stdout_offset,
+            stderr_offset=stderr_offset,
+            **options,
+        )
+        attachment.connect()
+        return attachment
+
+    def _open_attach(self, requests: Iterator[agent_pb2.AttachRequest]) -> Any:
+        """The raw bidirectional Attach call (no deadline: it lasts as long as the process)."""
+        return self._agent.Attach(requests)
+
     def _call(self, method: str, rpc: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         if "/" not in method:
             method = f"bulkhead.v1.Agent/{method}"
+        if timeout is None:
+            timeout = self.timeout
         try:
-            return rpc(request, timeout=self.timeout if timeout is None else timeout)
+            # math.inf: no deadline at all (a wait that lasts as long as a process runs).
+            return rpc(request, timeout=None if timeout == math.inf else timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method) from exc
+
+
+def _json(value: dict[str, Any] | bytes) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return json.dumps(value, separators=(",", ":")).encode()

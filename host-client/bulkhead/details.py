@@ -143,3 +143,180 @@ class GuestDetails(_FromProto):
             for f in fields(cls)
         }
         return cls(**values)
+
+
+# -- containers and processes --
+
+_ENOENT = 2
+
+
+@dataclass(frozen=True)
+class StartFailure(_FromProto):
+    """Why a process never ran its command: the setup step that failed, and its errno."""
+
+    step: str
+    errno: int
+    message: str
+    raw: agent_pb2.StartFailure = field(compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: agent_pb2.StartFailure) -> StartFailure:
+        return cls(msg.step, msg.errno, msg.message, msg)
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.message}" if self.message else self.step
+
+
+_KINDS = {
+    agent_pb2.ProcessExit.EXITED: "exited",
+    agent_pb2.ProcessExit.SIGNALED: "signaled",
+    agent_pb2.ProcessExit.START_FAILED: "start_failed",
+}
+
+
+@dataclass(frozen=True)
+class ProcessExit(_FromProto):
+    """How a process ended (``WaitProcess``, or the last message of ``Attach``).
+
+    ``kind`` is ``"exited"`` (``exit_code`` applies), ``"signaled"`` (``signal``
+    applies; ``oom_killed`` says whether the kernel's OOM killer sent it) or
+    ``"start_failed"`` (``start_failure`` applies: the command never ran).
+    """
+
+    kind: str
+    exit_code: int
+    signal: int
+    oom_killed: bool
+    start_failure: StartFailure | None
+    pid: int
+    raw: agent_pb2.ProcessExit = field(compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: agent_pb2.ProcessExit) -> ProcessExit:
+        kind = _KINDS.get(msg.kind, "unknown")
+        failure = StartFailure.from_proto(msg.start_failure) if kind == "start_failed" else None
+        return cls(kind, msg.exit_code, msg.signal, msg.oom_killed, failure, msg.pid, msg)
+
+    @property
+    def returncode(self) -> int:
+        """The status a shell (and docker) would report.
+
+        The exit code; 128 + the signal number when a signal killed it; for a
+        process that never started, 127 when the command (or a file it needed)
+        does not exist and 126 for any other failure, as a shell says "not
+        found" and "cannot execute". An exit the agent did not classify is 125,
+        the status docker gives to its own failures.
+        """
+        if self.kind == "exited":
+            return self.exit_code
+        if self.kind == "signaled":
+            return 128 + self.signal
+        if self.kind == "start_failed":
+            errno = self.start_failure.errno if self.start_failure else 0
+            return 127 if errno == _ENOENT else 126
+        return 125
+
+    @property
+    def ok(self) -> bool:
+        """Whether the process ran and exited with status 0."""
+        return self.kind == "exited" and self.exit_code == 0
+
+    def __str__(self) -> str:
+        if self.kind == "exited":
+            return f"exited with code {self.exit_code}"
+        if self.kind == "signaled":
+            oom = " (out of memory)" if self.oom_killed else ""
+            return f"killed by {_signal_name(self.signal)}{oom}"
+        if self.kind == "start_failed":
+            return f"failed to start: {self.start_failure}"
+        return "ended in an unknown way"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = message_to_dict(self.raw)
+        out["kind"] = self.kind  # the short name, not the proto enum's
+        out["returncode"] = self.returncode
+        return out
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass(frozen=True)
+class ContainerStats(_FromProto):
+    """Resource use of one container, read from its cgroup (``GetContainerStats``).
+
+    ``memory_max_bytes`` and ``pids_max`` are 0 when there is no limit.
+    """
+
+    cpu_usage_usec: int
+    cpu_user_usec: int
+    cpu_system_usec: int
+    cpu_nr_throttled: int
+    cpu_throttled_usec: int
+    memory_current_bytes: int
+    memory_peak_bytes: int
+    memory_max_bytes: int
+    memory_oom_kills: int
+    pids_current: int
+    pids_max: int
+    io_read_bytes: int
+    io_write_bytes: int
+    raw: agent_pb2.ContainerStats = field(compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: agent_pb2.ContainerStats) -> ContainerStats:
+        return cls(**_plain_fields(cls, msg))
+
+
+@dataclass(frozen=True)
+class ContainerInfo(_FromProto):
+    """One container as ``ListContainers`` reports it.
+
+    ``status`` is ``"created"``, ``"running"``, ``"paused"`` or ``"stopped"``.
+    """
+
+    container_id: str
+    status: str
+    pid: int
+    created_unix: float
+    args: tuple[str, ...]
+    rootfs: str
+    exec_ids: tuple[str, ...]
+    raw: agent_pb2.ContainerInfo = field(compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: agent_pb2.ContainerInfo) -> ContainerInfo:
+        return cls(**_plain_fields(cls, msg))
+
+
+@dataclass(frozen=True)
+class ProcessInfo(_FromProto):
+    """One process of a container (``ListProcesses``), with guest pids."""
+
+    pid: int
+    ppid: int
+    uid: int
+    args: tuple[str, ...]
+    state: str
+    raw: agent_pb2.ProcessInfo = field(compare=False, repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: agent_pb2.ProcessInfo) -> ProcessInfo:
+        return cls(**_plain_fields(cls, msg))
+
+
+def _plain_fields(cls: type, msg: Message) -> dict[str, Any]:
+    """Constructor arguments for a dataclass whose fields are scalars or repeated scalars."""
+    values: dict[str, Any] = {"raw": msg}
+    for f in fields(cls):
+        if f.name != "raw":
+            value = getattr(msg, f.name)
+            # Repeated fields are protobuf containers: freeze them into tuples.
+            values[f.name] = value if isinstance(value, str | bytes | int | float) else tuple(value)
+    return values

@@ -178,3 +178,15 @@ class QemuError(SandboxError):
 
 class ImageNotFound(BulkheadError):
     """No guest image where one was expected."""
+
+
+class ProcessTimeout(BulkheadError, TimeoutError):
+    """A container process did not exit within the time ``wait()`` was given."""
+
+
+class StdioError(BulkheadError):
+    """A process's output stream broke the protocol (a gap in its offsets, a second exit)."""
+
+
+class SpecError(BulkheadError, ValueError):
+    """Options that cannot become an OCI runtime spec (a bad size, user or limit)."""

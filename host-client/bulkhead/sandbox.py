@@ -21,13 +21,15 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import containers
 from .client import AgentClient
-from .details import GuestDetails
+from .containers import Container
+from .details import ContainerInfo, GuestDetails
 from .errors import (
     AgentError,
     BootError,
@@ -55,6 +57,9 @@ from .state import (
     wait_gone,
     write_state,
 )
+
+if TYPE_CHECKING:
+    from .process import Process
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +335,95 @@ class Sandbox:
                     time.sleep(0.01)
             except OSError as exc:
                 raise SandboxError(f"cannot write to {self.name!r}'s console: {exc}") from exc
+
+    # -- containers --
+
+    def run(
+        self,
+        args: Iterable[str] | None = None,
+        *,
+        env: Iterable[str] | Mapping[str, str] = (),
+        cwd: str = "/",
+        user: str | int | None = None,
+        tty: bool = False,
+        console_size: tuple[int, int] | None = None,
+        stdin: bool = False,
+        memory_limit: int | str | None = None,
+        cpus_limit: float | None = None,
+        pids_limit: int | None = None,
+        rootfs: str | None = None,
+        readonly_rootfs: bool = False,
+        hostname: str | None = None,
+        name: str | None = None,
+        remove: bool = True,
+        spec: Mapping[str, Any] | bytes | None = None,
+        bundle_dir: str = "",
+    ) -> Process:
+        """Run ``args`` in a new container; the running ``Process``.
+
+        The stdio stream is attached before the container starts, so no output is
+        ever missed. ``stdin=False`` gives the process EOF on stdin at once.
+        ``tty`` allocates a terminal in the guest (output then comes as stdout only),
+        ``console_size`` its first ``(rows, cols)``.
+        Limits: ``memory_limit`` (bytes or ``"64m"``), ``cpus_limit`` (e.g. ``0.5``),
+        ``pids_limit``. ``rootfs`` is a guest directory (default: the image's busybox
+        root). ``remove`` deletes the container once its exit is in. A whole OCI
+        ``spec`` (dict or bytes, with ``bundle_dir``) replaces ``args`` and options.
+        """
+        options = self._container_options(locals())
+        return containers.run(
+            self.agent, args, spec=spec, bundle_dir=bundle_dir, name=name,
+            stdin=stdin, remove=remove, **options,
+        )  # fmt: skip
+
+    def create_container(
+        self,
+        args: Iterable[str] | None = None,
+        *,
+        env: Iterable[str] | Mapping[str, str] = (),
+        cwd: str = "/",
+        user: str | int | None = None,
+        tty: bool = False,
+        console_size: tuple[int, int] | None = None,
+        memory_limit: int | str | None = None,
+        cpus_limit: float | None = None,
+        pids_limit: int | None = None,
+        rootfs: str | None = None,
+        readonly_rootfs: bool = False,
+        hostname: str | None = None,
+        name: str | None = None,
+        spec: Mapping[str, Any] | bytes | None = None,
+        bundle_dir: str = "",
+    ) -> Container:
+        """Create a container (its process held until ``start()``), as ``run`` describes."""
+        options = self._container_options(locals())
+        return containers.create(
+            self.agent, args, spec=spec, bundle_dir=bundle_dir, name=name, **options
+        )
+
+    @staticmethod
+    def _container_options(given: dict[str, Any]) -> dict[str, Any]:
+        """The spec options among ``given`` that differ from their defaults (so that a
+        whole ``spec`` can be refused when any is also set)."""
+        defaults = {
+            "env": (), "cwd": "/", "user": None, "tty": False, "console_size": None,
+            "memory_limit": None,
+            "cpus_limit": None, "pids_limit": None, "rootfs": None,
+            "readonly_rootfs": False, "hostname": None,
+        }  # fmt: skip
+        options = {k: given[k] for k, default in defaults.items() if given[k] != default}
+        if "env" in options:
+            env = options["env"]
+            options["env"] = dict(env) if isinstance(env, Mapping) else list(env)
+        return options
+
+    def container(self, container_id: str) -> Container:
+        """A handle on an existing container of this sandbox (no RPC is made)."""
+        return Container(self.agent, container_id)
+
+    def containers(self) -> list[ContainerInfo]:
+        """Every container in this sandbox."""
+        return self.agent.list_containers()
 
     def close(self) -> None:
         """Close this object's agent connection; the sandbox keeps running."""
