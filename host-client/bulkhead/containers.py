@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import spec as specs
 from .details import ContainerInfo, ContainerStats, ProcessExit, ProcessInfo
-from .errors import BulkheadError, NotFound
+from .errors import BulkheadError, FailedPrecondition, NotFound
 from .process import Process
 
 if TYPE_CHECKING:
@@ -104,11 +104,27 @@ class Container:
         return self.process
 
     def start(self) -> Process:
-        """Let the container's process run its command; returns ``process`` (made if need be)."""
-        self.client.start_container(self.id)
+        """Let the container's process run its command; returns ``process`` (made if need be).
+
+        A command that cannot be started (missing, not executable) is an outcome, not an
+        error: the agent refuses the start but records a ``start_failed`` exit, which the
+        process then reports like any other exit (``returncode`` 127 or 126).
+        """
+        try:
+            self.client.start_container(self.id)
+        except FailedPrecondition:
+            if not self._start_failed():
+                raise
         if self.process is None:
             self.process = Process(self.client, self.id, tty=self.tty)
         return self.process
+
+    def _start_failed(self) -> bool:
+        try:
+            exit = self.client.wait_process(self.id, "", timeout=5)
+        except BulkheadError:
+            return False
+        return exit.kind == "start_failed"
 
     def wait(self, timeout: float | None = None) -> ProcessExit:
         """Wait for the container's own process to exit (``ProcessTimeout`` after ``timeout``)."""
