@@ -376,6 +376,24 @@ def test_pids_limit_stops_a_fork_bomb(sandbox: Sandbox) -> None:
 # -- specs from elsewhere, and bad ones --
 
 
+def test_a_user_namespace_maps_container_root_to_an_unprivileged_guest_id(
+    sandbox: Sandbox,
+) -> None:
+    from bulkhead.spec import make_spec
+
+    spec = make_spec(["sh", "-c", "id -u; cat /proc/self/uid_map; touch /mine && echo wrote"])
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    proc = sandbox.run(spec=spec)
+    out, err = within(DEADLINE, "the userns container", lambda: proc.communicate(DEADLINE), proc)
+    assert proc.returncode == 0, (err, proc.exit)
+    lines = out.decode().splitlines()
+    assert lines[0] == "0"
+    assert lines[1].split() == ["0", "200000", "65536"]
+    assert lines[2] == "wrote"
+
+
 def test_a_crun_spec_bundle_runs_with_only_its_args_changed(sandbox: Sandbox, tmp_path) -> None:
     subprocess.run(["crun", "spec"], cwd=tmp_path, check=True, timeout=30)
     spec = json.loads((tmp_path / "config.json").read_text())

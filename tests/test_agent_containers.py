@@ -22,6 +22,7 @@ import grpc
 import pytest
 from test_agent_containers_support import (
     RPC_TIMEOUT,
+    STANDARD_NAMESPACES,
     AgentEnv,
     Attachment,
     make_spec,
@@ -531,3 +532,18 @@ def _is_zombie_or_gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_user_namespace_maps_root_to_an_unprivileged_host_id(env: AgentEnv) -> None:
+    spec = make_spec(
+        ["sh", "-c", "id -u; cat /proc/self/uid_map; touch /made-by-mapped-root && echo wrote"],
+        namespaces=(*STANDARD_NAMESPACES, "user"),
+    )
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    out = env.client.run("userns", spec)
+    assert out.exit is not None and out.exit.exit_code == 0, out.stderr
+    lines = out.stdout.decode().split("\n")
+    assert lines[0] == "0"  # root inside...
+    assert lines[1].split() == ["0", "100000", "65536"]  # ...an unprivileged id outside
+    assert lines[2] == "wrote"  # and it owns its own writable layer

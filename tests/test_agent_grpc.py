@@ -71,7 +71,7 @@ def test_reflection_lists_the_services(agent: Agent) -> None:
 
 
 def test_socket_is_private(agent: Agent) -> None:
-    assert stat.S_IMODE(agent.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(agent.run_dir.stat().st_mode) == 0o711
     mode = agent.socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
@@ -159,7 +159,7 @@ def test_sigterm_stops_gracefully_and_replaces_a_stale_socket() -> None:
         stale.close()
 
         agent = start_agent(tmp, tcp=False)
-        assert stat.S_IMODE(run.stat().st_mode) == 0o700  # tightened
+        assert stat.S_IMODE(run.stat().st_mode) == 0o711  # tightened
         assert agent.stop() == 0
         log = agent.log()
         assert "INFO    agent: ready in" in log

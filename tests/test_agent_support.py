@@ -63,6 +63,8 @@ def free_tcp_port() -> int:
 def short_tmpdir() -> Iterator[Path]:
     """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="bh-agent-", dir="/tmp"))
+    # Like /run in the guest: others may pass through (user-namespaced containers must).
+    path.chmod(0o711)
     try:
         yield path
     finally:

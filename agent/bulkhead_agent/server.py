@@ -34,9 +34,13 @@ _OPTIONS = [
 
 
 def prepare_run_dir(run_dir: str, socket_path: str) -> None:
-    """Create the 0700 run dir and remove a socket left by a previous agent."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)  # also when it existed with looser bits
+    """Create the run dir and remove a socket left by a previous agent.
+
+    0711: search-only for others, so that a user-namespaced container's root (an
+    unprivileged id here) can reach its rootfs below; the socket itself is 0600.
+    """
+    os.makedirs(run_dir, mode=0o711, exist_ok=True)
+    os.chmod(run_dir, 0o711)  # also when it existed with looser bits
     try:
         st = os.lstat(socket_path)
     except FileNotFoundError:

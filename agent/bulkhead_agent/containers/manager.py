@@ -202,7 +202,7 @@ class Manager:
         if not spec.root.readonly:
             state_dir = os.path.join(self._settings.containers_dir, container_id)
             try:
-                root = rootfs.mount_overlay(lower, state_dir)
+                root = rootfs.mount_overlay(lower, state_dir, _mapped_root(spec))
             except OSError as exc:
                 raise Failure("FAILED_PRECONDITION", f"root filesystem overlay: {exc}") from None
             container.state_dir = state_dir
@@ -667,3 +667,15 @@ def _cgroup_failure(exc: OSError, field: str) -> Failure:
 def _limit_file(path: str) -> int:
     raw = (procfs.read_file(path) or b"").strip()
     return int(raw) if raw.isdigit() else 0  # "max" (or missing): unlimited
+
+
+def _mapped_root(spec: Spec) -> tuple[int, int]:
+    """The guest (uid, gid) that container root maps to: itself without a user namespace."""
+
+    def host_id(mappings) -> int:
+        for m in mappings:
+            if m.container_id <= 0 < m.container_id + m.size:
+                return m.host_id - m.container_id
+        return 0
+
+    return host_id(spec.linux.uid_mappings), host_id(spec.linux.gid_mappings)

@@ -23,7 +23,10 @@ from ..linux import mounts as m
 
 def prepare_base(containers_dir: str) -> None:
     """Create ``containers_dir`` as a shared mount point (see the module text)."""
-    os.makedirs(containers_dir, 0o700, exist_ok=True)
+    # Search-only for others: a user-namespaced container's root (an unprivileged id on
+    # the guest) must reach its own rootfs below here; it can list nothing.
+    os.makedirs(containers_dir, 0o711, exist_ok=True)
+    os.chmod(containers_dir, 0o711)
     if not os.path.ismount(containers_dir):
         m.mount(containers_dir, containers_dir, None, m.MS_BIND)
     m.mount(None, containers_dir, None, m.MS_SHARED)
@@ -39,9 +42,11 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def mount_overlay(lower: str, state_dir: str) -> str:
+def mount_overlay(lower: str, state_dir: str, owner: tuple[int, int] = (0, 0)) -> str:
     """Mount the tmpfs at ``state_dir`` and the overlay of ``lower``; returns the merged root.
 
+    ``owner`` (guest uid, gid) owns the writable layer's root: the host ids that a user
+    namespace maps its root to, so that root inside may write to ``/``.
     On failure nothing is left mounted and ``state_dir`` is gone.
     """
     teardown(state_dir)  # whatever a previous agent left under this id
@@ -51,6 +56,7 @@ def mount_overlay(lower: str, state_dir: str) -> str:
         upper, work, merged = (os.path.join(state_dir, d) for d in ("upper", "work", "rootfs"))
         for directory in (upper, work, merged):
             os.mkdir(directory, 0o755)
+            os.chown(directory, *owner)
         options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
         try:
             m.mount("overlay", merged, "overlay", 0, options)
