@@ -376,6 +376,12 @@ def test_pids_limit_stops_a_fork_bomb(sandbox: Sandbox) -> None:
 # -- specs from elsewhere, and bad ones --
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: with docker's default mounts in a user namespace sharing the sandbox's "
+    "network, /sys becomes a read-only bind of the guest's, and the cgroup2 mount over its "
+    "/sys/fs/cgroup then fails with EBUSY",
+)
 def test_a_user_namespace_maps_container_root_to_an_unprivileged_guest_id(
     sandbox: Sandbox,
 ) -> None:

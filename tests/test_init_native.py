@@ -481,7 +481,7 @@ def test_mounts_network_and_hostname(guests: Callable[..., Guest]) -> None:
     assert top("/tmp")[0] == "tmpfs"
     assert len(mounts["/dev"]) == 1  # already mounted: left alone
     assert "(already mounted: /dev)" in guest.log()
-    assert info["hostname"] == "box-1"
+    assert info["hostname"] == "box-1", guest.log()
     assert info["loopback"] is True
 
     os.kill(guest.init_pid, signal.SIGTERM)

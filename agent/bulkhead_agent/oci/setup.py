@@ -441,7 +441,18 @@ def _mount_one(ctx: Context, mount: Mount) -> None:
         if fstype == "cgroup":
             fstype = "cgroup2"  # the guest is cgroup v2 only (DESIGN decision 6)
         target = make_mount_point(ctx.rootfs, mount.destination)
-        m.mount(mount.source or fstype, target, fstype, options.flags, options.data or None)
+        try:
+            m.mount(mount.source or fstype, target, fstype, options.flags, options.data or None)
+        except PermissionError:
+            # The kernel lets a user namespace mount sysfs only together with a network
+            # namespace of its own; one that shares the sandbox's network gets the guest's
+            # /sys bound read-only instead (what other OCI runtimes do too).
+            if not (fstype == "sysfs" and ctx.in_user_ns):
+                raise
+            m.mount("/sys", target, None, m.MS_BIND | m.MS_REC)
+            locked = m.mount_flags_of(target)
+            ro = m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC
+            m.mount(None, target, None, m.MS_BIND | m.MS_REMOUNT | ro | locked)
     if options.propagation:
         m.mount(None, target, None, options.propagation)
 
