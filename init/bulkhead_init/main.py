@@ -19,7 +19,24 @@ import os
 import sys
 import time
 
-from . import __version__, cmdline, log, reaper, shutdown, signals, supervisor
+# Every step module is imported before the first mount: each runs on every boot anyway,
+# and a mount over the directory init was started from (a test running init from /tmp)
+# must not make a later import fail.
+from . import (
+    __version__,
+    cgroups,
+    cmdline,
+    console,
+    entropy,
+    log,
+    modules,
+    mounts,
+    network,
+    reaper,
+    shutdown,
+    signals,
+    supervisor,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -97,29 +114,19 @@ class Init:
         self.log.debug(f"config {config!r}")
 
     def _mount_proc(self) -> None:
-        from . import mounts
-
         mounts.mount_proc(self.log)
 
     def _mounts(self) -> None:
-        from . import mounts
-
         mounts.setup(self.log)
 
     def _cgroups(self) -> None:
-        from . import cgroups
-
         cgroups.mount(self.log)
         cgroups.enable_controllers(self.log)
 
     def _modules(self) -> None:
-        from . import modules
-
         self.modules = modules.load(self.log)
 
     def _entropy(self) -> None:
-        from . import entropy
-
         try:
             with open("/proc/cmdline", "rb") as f:
                 extra = f.read()
@@ -128,8 +135,6 @@ class Init:
         entropy.stir(self.log, extra)
 
     def _network(self) -> None:
-        from . import network
-
         network.setup(self.log, self.config.hostname)
 
     def _start_agent(self) -> None:
@@ -151,8 +156,6 @@ class Init:
         agent.start()
 
     def _start_console(self) -> None:
-        from . import console
-
         if not self.tty:
             self.log.warning("debug console requested, but there is no console device")
             return
