@@ -129,6 +129,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as tmp:
         work = Path(tmp)
         floor_img = build_floor(work, method)
+        floor_size = floor_img.stat().st_size
         floor = [boot_floor(image, floor_img, accel, work) for _ in range(opts.runs)]
         ours = [boot_bulkhead(image, accel, work, i) for i in range(opts.runs)]
 
@@ -145,7 +146,7 @@ def main() -> int:
     )
     print(
         f"initramfs: {mib(image.initramfs.stat().st_size)} ({method}); "
-        f"floor initramfs {mib(floor_img.stat().st_size) if floor_img.exists() else '-'}"
+        f"floor initramfs {mib(floor_size)}"
     )
     print()
     print(f"{'boot to ready (median)':32} {'bulkhead':>10} {'floor':>10} {'ratio':>7}")

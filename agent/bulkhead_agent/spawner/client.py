@@ -84,8 +84,13 @@ class Spawner:
             code = 0
             try:
                 ours.close()
+                # Import at the lowest priority: on a one-vCPU guest the agent reaching
+                # "ready" matters more than the spawner's imports. Back to normal before
+                # serving, since containers inherit the spawner's priority.
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
                 from . import server
 
+                os.setpriority(os.PRIO_PROCESS, 0, 0)
                 server.run(theirs)
             except BaseException:
                 import traceback
