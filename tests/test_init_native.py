@@ -372,7 +372,8 @@ def test_orphans_are_reaped(guests: Callable[..., Guest]) -> None:
     guest.wait_file("start-0")
 
     def orphans() -> list[Path]:
-        found = list(guest.dir.glob("orphan-*"))
+        # Only finished files: each is written as "<name>.tmp" and then renamed.
+        found = [f for f in guest.dir.glob("orphan-*") if not f.name.endswith(".tmp")]
         return found if len(found) == count else []
 
     files = wait_for("all orphans to exit", orphans, 15, guest.log)
