@@ -376,28 +376,32 @@ def test_pids_limit_stops_a_fork_bomb(sandbox: Sandbox) -> None:
 # -- specs from elsewhere, and bad ones --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: with docker's default mounts in a user namespace sharing the sandbox's "
-    "network, /sys becomes a read-only bind of the guest's, and the cgroup2 mount over its "
-    "/sys/fs/cgroup then fails with EBUSY",
-)
 def test_a_user_namespace_maps_container_root_to_an_unprivileged_guest_id(
     sandbox: Sandbox,
 ) -> None:
     from bulkhead.spec import make_spec
 
-    spec = make_spec(["sh", "-c", "id -u; cat /proc/self/uid_map; touch /mine && echo wrote"])
+    script = (
+        "id -u; cat /proc/self/uid_map; touch /mine && echo wrote;"
+        # its cgroup mount shows its own cgroup, not the guest's tree
+        " test -e /sys/fs/cgroup/memory.max && ls /sys/fs/cgroup | grep -qx bulkhead"
+        " && echo guest-tree || echo own-cgroup;"
+        " touch /sys/kernel/x 2>/dev/null && echo sys-writable || echo sys-read-only"
+    )
+    spec = make_spec(["sh", "-c", script])
     spec["linux"]["namespaces"].append({"type": "user"})
     spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
     spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
     proc = sandbox.run(spec=spec)
-    out, err = within(DEADLINE, "the userns container", lambda: proc.communicate(DEADLINE), proc)
+    out, err = within(
+        DEADLINE, "the userns container", lambda: proc.communicate(timeout=DEADLINE), proc
+    )
     assert proc.returncode == 0, (err, proc.exit)
     lines = out.decode().splitlines()
     assert lines[0] == "0"
     assert lines[1].split() == ["0", "200000", "65536"]
     assert lines[2] == "wrote"
+    assert lines[3:] == ["own-cgroup", "sys-read-only"]
 
 
 def test_a_crun_spec_bundle_runs_with_only_its_args_changed(sandbox: Sandbox, tmp_path) -> None:

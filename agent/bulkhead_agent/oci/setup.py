@@ -443,16 +443,24 @@ def _mount_one(ctx: Context, mount: Mount) -> None:
         target = make_mount_point(ctx.rootfs, mount.destination)
         try:
             m.mount(mount.source or fstype, target, fstype, options.flags, options.data or None)
-        except PermissionError:
-            # The kernel lets a user namespace mount sysfs only together with a network
-            # namespace of its own; one that shares the sandbox's network gets the guest's
-            # /sys bound read-only instead (what other OCI runtimes do too).
-            if not (fstype == "sysfs" and ctx.in_user_ns):
+        except OSError as exc:
+            if fstype == "cgroup2" and ctx.in_user_ns and ctx.cgroup:
+                # Under the read-only /sys bound below, /sys/fs/cgroup is the guest's own
+                # cgroup2 mount, locked there: the kernel refuses the same filesystem over
+                # its own root (EBUSY); without a cgroup namespace of its own the mount is
+                # refused outright (EPERM). The container's cgroup directory bound in its
+                # place shows what a cgroup namespace would.
+                _bind_cgroup(ctx, target, options.flags)
+            elif fstype == "sysfs" and ctx.in_user_ns and isinstance(exc, PermissionError):
+                # The kernel lets a user namespace mount sysfs only together with a network
+                # namespace of its own; one that shares the sandbox's network gets the
+                # guest's /sys bound read-only instead (what other OCI runtimes do too).
+                m.mount("/sys", target, None, m.MS_BIND | m.MS_REC)
+                locked = m.mount_flags_of(target)
+                ro = m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC
+                m.mount(None, target, None, m.MS_BIND | m.MS_REMOUNT | ro | locked)
+            else:
                 raise
-            m.mount("/sys", target, None, m.MS_BIND | m.MS_REC)
-            locked = m.mount_flags_of(target)
-            ro = m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC
-            m.mount(None, target, None, m.MS_BIND | m.MS_REMOUNT | ro | locked)
     if options.propagation:
         m.mount(None, target, None, options.propagation)
 
@@ -460,6 +468,12 @@ def _mount_one(ctx: Context, mount: Mount) -> None:
 def _mounts_dev(ctx: Context) -> bool:
     assert ctx.spec is not None
     return any(mt.destination.rstrip("/") == "/dev" and not mt.is_bind for mt in ctx.spec.mounts)
+
+
+def _bind_cgroup(ctx: Context, target: str, flags: int) -> None:
+    m.mount(ctx.cgroup, target, None, m.MS_BIND | m.MS_REC)
+    extra = flags & (m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC)
+    m.mount(None, target, None, m.MS_BIND | m.MS_REMOUNT | extra | m.mount_flags_of(target))
 
 
 @_named("create_devices")
