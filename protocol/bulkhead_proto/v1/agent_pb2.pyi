@@ -1,3 +1,4 @@
+from bulkhead_proto.v1 import storage_pb2 as _storage_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -106,14 +107,18 @@ class ShutdownResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "oci_spec", "bundle_dir")
+    __slots__ = ("container_id", "oci_spec", "bundle_dir", "rootfs_storage", "storages")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIR_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     oci_spec: bytes
     bundle_dir: str
-    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., bundle_dir: _Optional[str] = ...) -> None: ...
+    rootfs_storage: str
+    storages: _containers.RepeatedCompositeFieldContainer[_storage_pb2.StorageSpec]
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec: _Optional[bytes] = ..., bundle_dir: _Optional[str] = ..., rootfs_storage: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[_storage_pb2.StorageSpec, _Mapping]]] = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("pid",)
@@ -362,14 +367,26 @@ class AttachRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[bool] = ..., ack_stdout: _Optional[int] = ..., ack_stderr: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("stdout", "stderr", "exit")
+    __slots__ = ("stdout", "stderr", "exit", "gap")
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     stdout: Output
     stderr: Output
     exit: ProcessExit
-    def __init__(self, stdout: _Optional[_Union[Output, _Mapping]] = ..., stderr: _Optional[_Union[Output, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ...) -> None: ...
+    gap: OutputGap
+    def __init__(self, stdout: _Optional[_Union[Output, _Mapping]] = ..., stderr: _Optional[_Union[Output, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., gap: _Optional[_Union[OutputGap, _Mapping]] = ...) -> None: ...
+
+class OutputGap(_message.Message):
+    __slots__ = ("stream", "from_offset", "to_offset")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TO_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    stream: str
+    from_offset: int
+    to_offset: int
+    def __init__(self, stream: _Optional[str] = ..., from_offset: _Optional[int] = ..., to_offset: _Optional[int] = ...) -> None: ...
 
 class Output(_message.Message):
     __slots__ = ("offset", "data")
@@ -394,3 +411,84 @@ class ResizeTerminalRequest(_message.Message):
 class ResizeTerminalResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetMetricsRequest(_message.Message):
+    __slots__ = ("sandbox",)
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    sandbox: str
+    def __init__(self, sandbox: _Optional[str] = ...) -> None: ...
+
+class GetMetricsResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("since", "accept_gap")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_GAP_FIELD_NUMBER: _ClassVar[int]
+    since: int
+    accept_gap: bool
+    def __init__(self, since: _Optional[int] = ..., accept_gap: _Optional[bool] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "time_unix", "kind", "container_id", "exec_id", "pid", "exit", "oom_kills", "device", "mount_point", "agent_restarts", "lost_from", "lost_to", "details")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Event.Kind]
+        CONTAINER_STARTED: _ClassVar[Event.Kind]
+        CONTAINER_EXITED: _ClassVar[Event.Kind]
+        PROCESS_EXITED: _ClassVar[Event.Kind]
+        OOM_KILL: _ClassVar[Event.Kind]
+        DEVICE_ADDED: _ClassVar[Event.Kind]
+        DEVICE_REMOVED: _ClassVar[Event.Kind]
+        STORAGE_MOUNTED: _ClassVar[Event.Kind]
+        AGENT_RESTARTED: _ClassVar[Event.Kind]
+        EVENTS_LOST: _ClassVar[Event.Kind]
+    KIND_UNSPECIFIED: Event.Kind
+    CONTAINER_STARTED: Event.Kind
+    CONTAINER_EXITED: Event.Kind
+    PROCESS_EXITED: Event.Kind
+    OOM_KILL: Event.Kind
+    DEVICE_ADDED: Event.Kind
+    DEVICE_REMOVED: Event.Kind
+    STORAGE_MOUNTED: Event.Kind
+    AGENT_RESTARTED: Event.Kind
+    EVENTS_LOST: Event.Kind
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_FROM_FIELD_NUMBER: _ClassVar[int]
+    LOST_TO_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time_unix: float
+    kind: Event.Kind
+    container_id: str
+    exec_id: str
+    pid: int
+    exit: ProcessExit
+    oom_kills: int
+    device: str
+    mount_point: str
+    agent_restarts: int
+    lost_from: int
+    lost_to: int
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, seq: _Optional[int] = ..., time_unix: _Optional[float] = ..., kind: _Optional[_Union[Event.Kind, str]] = ..., container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., pid: _Optional[int] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., oom_kills: _Optional[int] = ..., device: _Optional[str] = ..., mount_point: _Optional[str] = ..., agent_restarts: _Optional[int] = ..., lost_from: _Optional[int] = ..., lost_to: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...

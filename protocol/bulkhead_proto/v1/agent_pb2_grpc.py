@@ -246,7 +246,10 @@ class AgentServicer:
         process; output already produced (buffered in the guest) comes first.
         Output is kept until acknowledged, so a client that detaches and attaches
         again with its acknowledged offsets misses nothing. The last response
-        carries the exit, sent only after all output.
+        carries the exit, sent only after all output. One exception: output an
+        agent had read but not delivered when it died is lost with it; attaching
+        to the restarted agent from below where it resumed the stream starts with
+        a gap message saying so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -840,6 +843,139 @@ class Agent:
             '/bulkhead.v1.Agent/ResizeTerminal',
             bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalRequest.SerializeToString,
             bulkhead__proto_dot_v1_dot_agent__pb2.ResizeTerminalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TelemetryStub:
+    """---- telemetry: metrics and events ----
+
+    What operators watch a sandbox through: a Prometheus scrape and a lossless event stream.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetMetrics = channel.unary_unary(
+                '/bulkhead.v1.Telemetry/GetMetrics',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsResponse.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/bulkhead.v1.Telemetry/StreamEvents',
+                request_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.Event.FromString,
+                _registered_method=True)
+
+
+class TelemetryServicer:
+    """---- telemetry: metrics and events ----
+
+    What operators watch a sandbox through: a Prometheus scrape and a lossless event stream.
+    """
+
+    def GetMetrics(self, request, context):
+        """Prometheus text exposition (format 0.0.4) of the guest, the agent and init, every
+        container's cgroup, the agent's RPCs and stdio. Read when asked: nothing is sampled
+        in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request, context):
+        """Events in sequence-number order. The agent keeps the last 4096 events (also across
+        its own restarts); a client that saw event N asks for since=N and gets every later
+        one once, in order. If some of them are no longer kept the call fails with
+        OUT_OF_RANGE, or, with accept_gap, starts with one EVENTS_LOST event saying which.
+        Initial metadata "bulkhead-events-newest" carries the newest seq at the call's start,
+        so a client that asked for new events only still knows where to resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TelemetryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=bulkhead__proto_dot_v1_dot_agent__pb2.StreamEventsRequest.FromString,
+                    response_serializer=bulkhead__proto_dot_v1_dot_agent__pb2.Event.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'bulkhead.v1.Telemetry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('bulkhead.v1.Telemetry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Telemetry:
+    """---- telemetry: metrics and events ----
+
+    What operators watch a sandbox through: a Prometheus scrape and a lossless event stream.
+    """
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.Telemetry/GetMetrics',
+            bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.GetMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bulkhead.v1.Telemetry/StreamEvents',
+            bulkhead__proto_dot_v1_dot_agent__pb2.StreamEventsRequest.SerializeToString,
+            bulkhead__proto_dot_v1_dot_agent__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
