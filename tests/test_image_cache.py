@@ -187,7 +187,7 @@ def test_latest_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_build_returns_a_cached_image_without_building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(build, "collect_inputs", lambda cache_dir: BASE)
+    monkeypatch.setattr(build, "collect_inputs", lambda cache_dir, variant=None: BASE)
 
     def no_build(*args: object) -> None:
         raise AssertionError("must not build")

@@ -30,9 +30,11 @@ from . import (
     pycompile,
     rootfs,
     stage,
+    variants,
     wheels,
 )
 from .cache import ImageInfo
+from .variants import Variant
 
 GUEST_LIB = "/usr/lib/bulkhead"
 
@@ -67,11 +69,17 @@ THIRD_PARTY_IMPORTS = (
     "hashlib",
     "json",
     "logging",
+    "prometheus_client",
     "psutil",
     "pyroute2",
+    "seccomp",
     "subprocess",
     "uuid",
 )
+
+# Python modules from Debian packages (outside the stdlib), put beside the wheels. seccomp:
+# libseccomp's bindings, imported only when a container's spec has linux.seccomp.
+DEBIAN_PYTHON_MODULES = ("/usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linux-gnu.so",)
 
 Progress = Callable[[str], None]
 
@@ -102,24 +110,34 @@ def _locked(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def collect_inputs(cache_dir: Path) -> inputs.Inputs:
-    package, versions = debian.resolve_cached(
+def _resolve(cache_dir: Path) -> tuple[str, dict[str, str]]:
+    """The kernel package and the candidate versions of every variant's packages.
+
+    One question to apt for all variants: they share the Debian root, whose freshness
+    is judged against all of them.
+    """
+    return debian.resolve_cached(
         kernel.KERNEL_META_PACKAGE,
-        rootfs.SOURCE_PACKAGES,
+        variants.all_packages(),
         cache_dir / "work" / "apt-resolution.json",
     )
-    versions = dict(versions)
+
+
+def collect_inputs(cache_dir: Path, variant: str | Variant | None = None) -> inputs.Inputs:
+    chosen = variants.get(variant)
+    package, versions = _resolve(cache_dir)
     root = inputs.REPO_ROOT
     files = inputs.hash_files(inputs.builder_sources(), root)
     files |= inputs.hash_files(inputs.package_sources(), root)
     return inputs.Inputs(
         kernel_package=package,
-        kernel_version=versions.pop(package),
-        debian_packages=versions,
+        kernel_version=versions[package],
+        debian_packages={n: versions[n] for n in variants.source_packages(chosen)},
         requirements_sha256=wheels.requirements_digest(),
         files=files,
         modules=modules.WANTED_MODULES,
         cmdline=manifest.DEFAULT_CMDLINE,
+        variant=chosen.name,
     )
 
 
@@ -128,36 +146,43 @@ def build_image(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    variant: str | Variant | None = None,
 ) -> ImageInfo:
-    """Build the guest image, or return the cached one when nothing changed."""
+    """Build the guest image, or return the cached one when nothing changed.
+
+    ``variant`` (see ``variants``): None or ``"default"``, or ``"bench"`` (adds crun); each
+    variant is cached under its own hash and has its own ``latest`` pointer.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    chosen = variants.get(variant)
     say = _progress(progress)
-    inp = collect_inputs(cache_dir)
+    inp = collect_inputs(cache_dir, chosen)
     key = inp.digest()
+    what = "image" if chosen.is_default else f"{chosen.name} image"
     if not force and (found := cache.find_image(key, cache_dir)):
-        _point_latest(key, cache_dir)
-        say(f"cached image {key[:16]}")
+        _point_latest(key, cache_dir, chosen)
+        say(f"cached {what} {key[:16]}")
         return found
     with _locked(cache_dir):
         if not force and (found := cache.find_image(key, cache_dir)):
-            _point_latest(key, cache_dir)
+            _point_latest(key, cache_dir, chosen)
             return found
         tmp_root = cache_dir / "tmp"
         shutil.rmtree(tmp_root, ignore_errors=True)  # left by a killed build; we hold the lock
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"build-{key[:12]}-", dir=tmp_root))
         try:
-            image = _build(inp, key, cache_dir, tmp, say)
+            image = _build(inp, chosen, key, cache_dir, tmp, say)
             dest = cache.images_dir(cache_dir) / key
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 shutil.rmtree(dest)
             image.rename(dest)
-            cache.set_latest(key, cache_dir)
+            cache.set_latest(key, cache_dir, chosen.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     info = cache.load_image(dest, cached=False)
-    say(f"image {dest}")
+    say(f"{what} {dest}")
     return info
 
 
@@ -185,24 +210,29 @@ def _add_container_rootfs(st: stage.Stage, quarry: Path) -> int:
     return len(applets)
 
 
-def _point_latest(key: str, cache_dir: Path) -> None:
-    latest = cache.images_dir(cache_dir) / "latest"
+def _point_latest(key: str, cache_dir: Path, variant: Variant) -> None:
+    latest = cache.images_dir(cache_dir) / cache.latest_name(variant.name)
     try:
         if latest.read_text().strip() == key:
             return
     except FileNotFoundError:
         pass
-    cache.set_latest(key, cache_dir)
+    cache.set_latest(key, cache_dir, variant.name)
 
 
-def _build(inp: inputs.Inputs, key: str, cache_dir: Path, tmp: Path, say: Progress) -> Path:
+def _build(
+    inp: inputs.Inputs, variant: Variant, key: str, cache_dir: Path, tmp: Path, say: Progress
+) -> Path:
     work = cache_dir / "work"
     release_hint = inp.kernel_package.removeprefix("linux-image-")
     say(f"downloading kernel {release_hint} ({inp.kernel_version})")
     downloads = cache_dir / "downloads"
     kern = kernel.fetch(inp.kernel_package, inp.kernel_version, downloads, tmp / "kernel")
 
-    quarry = rootfs.ensure(work, inp.debian_packages, say)
+    # Memoised: the answer the key was made from, for every variant's packages.
+    package, every_version = _resolve(cache_dir)
+    debian_versions = {n: v for n, v in every_version.items() if n != package}
+    quarry = rootfs.ensure(work, debian_versions, say)
     installed = debian.installed_versions(quarry)
     for name, wanted in inp.debian_packages.items():
         if installed.get(name) != wanted:
@@ -224,10 +254,14 @@ def _build(inp: inputs.Inputs, key: str, cache_dir: Path, tmp: Path, say: Progre
     st.take("/usr/bin/busybox")
     st.symlink("/usr/bin/sh", "busybox")
     elves += _add_wheels(st, wheel_dir)
+    elves += _add_debian_python_modules(st)
     _add_our_packages(st)
+    if variant.programs:
+        say(f"{variant.name} variant: {', '.join(variant.programs)}")
+        elves += [st.take(program) for program in variant.programs]
     libs = st.add_libraries(elves)
     say(f"{len(libs)} shared libraries: {', '.join(Path(p).name for p in libs)}")
-    _check_owners(st, quarry)
+    _check_owners(st, quarry, variants.source_packages(variant))
     selection = _add_modules(st, kern)
     say(
         f"{len(selection.load_order)} kernel modules"
@@ -253,7 +287,7 @@ def _build(inp: inputs.Inputs, key: str, cache_dir: Path, tmp: Path, say: Progre
     say(f"import check: {len(THIRD_PARTY_IMPORTS)} libraries, {len(ours)} modules of ours")
     pycompile.smoke_test(st.root, GUEST_LIB, [*THIRD_PARTY_IMPORTS, *ours])
 
-    used = {n: installed[n] for n in rootfs.SOURCE_PACKAGES}
+    used = {n: installed[n] for n in variants.source_packages(variant)}
     used[inp.kernel_package] = inp.kernel_version
     base = manifest.make(
         kernel_release=kern.release,
@@ -266,6 +300,7 @@ def _build(inp: inputs.Inputs, key: str, cache_dir: Path, tmp: Path, say: Progre
         cmdline=manifest.DEFAULT_CMDLINE,
         input_hash=key,
         compression=compress.DEFAULT,
+        variant=variant.name,
     )
     st.write("/etc/bulkhead/manifest.json", manifest.dumps(base))
 
@@ -306,6 +341,17 @@ def _add_wheels(st: stage.Stage, wheel_dir: Path) -> list[str]:
     return elves
 
 
+def _add_debian_python_modules(st: stage.Stage) -> list[str]:
+    elves = []
+    for path in DEBIAN_PYTHON_MODULES:
+        real = st.canonical(path)  # resolved in the quarry, never on the host
+        guest = f"{GUEST_LIB}/{Path(path).name}"
+        st.copy_file(st.quarry / real.lstrip("/"), guest, 0o644)
+        st.origins[guest] = real
+        elves.append(guest)
+    return elves
+
+
 def _add_our_packages(st: stage.Stage) -> None:
     for src in inputs.package_sources():
         rel = src.relative_to(inputs.REPO_ROOT).as_posix().split("/", 1)[1]  # drop the folder
@@ -326,10 +372,10 @@ def _our_modules(root: Path) -> list[str]:
     return names
 
 
-def _check_owners(st: stage.Stage, quarry: Path) -> None:
+def _check_owners(st: stage.Stage, quarry: Path, packages: tuple[str, ...]) -> None:
     """Every file taken from Debian must come from a package whose version is in the key."""
     owners = debian.file_owners(quarry)
-    allowed = set(rootfs.SOURCE_PACKAGES)
+    allowed = set(packages)
     strays = {}
     for guest, origin in st.origins.items():
         owner = owners.get(debian.usr_merged(origin))
@@ -337,7 +383,10 @@ def _check_owners(st: stage.Stage, quarry: Path) -> None:
             strays[guest] = owner
     if strays:
         listing = ", ".join(f"{g} ({o or 'no package'})" for g, o in sorted(strays.items()))
-        raise BuildError(f"files from packages missing in rootfs.SOURCE_PACKAGES: {listing}")
+        raise BuildError(
+            "files from packages missing in rootfs.SOURCE_PACKAGES (or the variant's packages"
+            f" in variants.py): {listing}"
+        )
 
 
 def _add_modules(st: stage.Stage, kern: kernel.Kernel) -> modules.Selection:

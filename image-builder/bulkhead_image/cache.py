@@ -2,8 +2,9 @@
 
 The cache directory is ``$BULKHEAD_CACHE_DIR``, by default ``~/.cache/bulkhead``.
 
-``images/latest`` is a text file naming the newest built hash. Everything else under the
-cache directory (``downloads/``, ``work/``) is the builder's and can be deleted at any time.
+``images/latest`` is a text file naming the newest built hash of the default image, and
+``images/latest-<variant>`` that of another variant (see ``variants``). Everything else under
+the cache directory (``downloads/``, ``work/``) is the builder's and can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -54,10 +55,17 @@ def find_image(input_hash: str, cache_dir: Path | None = None) -> ImageInfo | No
         return None
 
 
-def latest_image(cache_dir: Path | None = None) -> ImageInfo | None:
-    """The newest built image, or None if there is none (or it was removed)."""
+def latest_name(variant: str = "default") -> str:
+    """The file under ``images/`` naming the newest build of ``variant``."""
+    if not variant or "/" in variant or variant.startswith("."):
+        raise ValueError(f"bad image variant name {variant!r}")
+    return "latest" if variant == "default" else f"latest-{variant}"
+
+
+def latest_image(cache_dir: Path | None = None, variant: str = "default") -> ImageInfo | None:
+    """The newest built image (of ``variant``), or None if there is none (or it was removed)."""
     try:
-        name = (images_dir(cache_dir) / "latest").read_text().strip()
+        name = (images_dir(cache_dir) / latest_name(variant)).read_text().strip()
     except FileNotFoundError:
         return None
     if not name or "/" in name:
@@ -65,8 +73,9 @@ def latest_image(cache_dir: Path | None = None) -> ImageInfo | None:
     return find_image(name, cache_dir)
 
 
-def set_latest(input_hash: str, cache_dir: Path | None = None) -> None:
+def set_latest(input_hash: str, cache_dir: Path | None = None, variant: str = "default") -> None:
     d = images_dir(cache_dir)
-    tmp = d / f".latest.{os.getpid()}"
+    name = latest_name(variant)
+    tmp = d / f".{name}.{os.getpid()}"
     tmp.write_text(input_hash + "\n")
-    tmp.replace(d / "latest")
+    tmp.replace(d / name)

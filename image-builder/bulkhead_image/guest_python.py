@@ -32,7 +32,7 @@ _DROP_DIRS = frozenset(
         "curses",
         "dbm",
         "xmlrpc",
-        "wsgiref",
+        # not wsgiref: prometheus_client's package imports it (metrics, on the first scrape)
         "__phello__",
         "site-packages",
         "dist-packages",

@@ -35,9 +35,14 @@ class Inputs:
     modules: tuple[str, ...] = ()
     cmdline: str = ""
     schema: int = SCHEMA
+    variant: str = "default"  # see variants.py
 
     def digest(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if fields["variant"] == "default":
+            # The default image is keyed as before variants existed: adding one changes nothing.
+            del fields["variant"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -25,9 +25,10 @@ def make(
     cmdline: str,
     input_hash: str,
     compression: str,
+    variant: str = "default",
 ) -> dict:
     """The manifest without ``artifacts`` (as it is copied into the guest)."""
-    return {
+    out = {
         "kernel_release": kernel_release,
         "kernel_package": kernel_package,
         "kernel_package_version": kernel_package_version,
@@ -39,6 +40,9 @@ def make(
         "compression": compression,
         "input_hash": input_hash,
     }
+    if variant != "default":  # the default's manifest keeps the keys docs/internals.md lists
+        out["variant"] = variant
+    return out
 
 
 def artifact(path: Path) -> dict:

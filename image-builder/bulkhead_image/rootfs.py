@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 SUITE = "bookworm"
-INCLUDE = ("python3-minimal", "libpython3.11-stdlib", "busybox-static")
+# One root serves every image variant (see variants.py): crun is only taken by "bench".
+INCLUDE = (
+    "python3-minimal",
+    "libpython3.11-stdlib",
+    "busybox-static",
+    "python3-seccomp",
+    "crun",
+)
 
 # Every package whose files end up in the initramfs. Their candidate versions are part of the
 # cache key, and the build fails if a selected file belongs to a package not listed here (so
@@ -35,6 +42,7 @@ SOURCE_PACKAGES = (
     "libbz2-1.0",
     "libssl3",
     "libsqlite3-0",
+    "python3-seccomp",  # libseccomp's bindings, for linux.seccomp (libseccomp linked in)
 )
 
 # Documentation and translations are never selected; not unpacking them saves time and disk.
