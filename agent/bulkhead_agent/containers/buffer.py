@@ -6,6 +6,9 @@ from the pipe so far). The reader only takes more from the pipe while ``room`` i
 host that reads slowly, or not at all, stalls the writing process on a full pipe instead of
 losing its output (DESIGN decision 5).
 
+A stream adopted from an agent that died starts at ``start`` instead of 0 (see ``offsets``):
+what that agent had read and not delivered is gone, and nothing of it is numbered again.
+
 Storage is a queue of fixed-size chunks plus a growing tail. Fixed sizes make an offset's chunk
 a division away, whatever the order readers ask in, and a full chunk goes out as one message
 without being copied again.
@@ -20,15 +23,16 @@ LIMIT = 1024 * 1024  # unacknowledged bytes kept per stream before the writer is
 
 
 class OutputBuffer:
-    __slots__ = ("_base", "_chunks", "_tail", "acked", "end", "eof", "limit")
+    __slots__ = ("_base", "_chunks", "_tail", "acked", "end", "eof", "limit", "start")
 
-    def __init__(self, limit: int = LIMIT) -> None:
+    def __init__(self, limit: int = LIMIT, start: int = 0) -> None:
         self.limit = limit
-        self.acked = 0  # bytes below this offset were acknowledged (and are freed)
-        self.end = 0  # bytes read from the process so far
+        self.start = start  # the first offset this agent numbered (0 unless adopted)
+        self.acked = start  # bytes below this offset were acknowledged (and are freed)
+        self.end = start  # offset after the last byte read from the process so far
         self.eof = False  # the process side closed: ``end`` is final
         self._chunks: deque[bytes] = deque()  # each exactly CHUNK bytes
-        self._base = 0  # offset of _chunks[0] (a multiple of CHUNK)
+        self._base = start  # offset of _chunks[0] (start plus a multiple of CHUNK)
         self._tail = bytearray()  # the bytes after the last full chunk
 
     @property
@@ -61,7 +65,13 @@ class OutputBuffer:
         self.end += size
 
     def check_offset(self, offset: int) -> str | None:
-        """Why ``offset`` cannot be read from (None if it can)."""
+        """Why ``offset`` cannot be read from (None if it can).
+
+        Below ``start`` is fine: a host resuming a stream numbered by an agent that died;
+        it resumes at ``acked`` (the caller tells it about the gap).
+        """
+        if offset < self.start:
+            return None
         if offset < self.acked:
             return f"{offset} is below {self.acked}, where the kept data starts (acknowledged)"
         if offset > self.end:

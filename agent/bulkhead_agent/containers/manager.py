@@ -10,7 +10,12 @@ What the agent decides, whatever the spec says: the container's root is an overl
 spec's root directory (unless ``root.readonly``), it always gets a mount namespace of its own
 (the guest's mount table holds the agent's socket), it joins the sandbox's network namespace
 unless the spec names one, and its cgroup is ``<agent tree>/containers/<id>``
-(``linux.cgroupsPath`` is ignored). OCI hooks are not run.
+(``linux.cgroupsPath`` is ignored). OCI hooks run as ``oci.hooks`` says: poststart once start
+has exec'd the program, poststop once the container is gone (or a create failed), both by the
+spawner, their failures only logged.
+
+Each container's record is kept on disk (``records``) and the spawner outlives the agent, so a
+restarted agent adopts the containers a previous one left running (:meth:`Manager.adopt`).
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from ..events.containers import ContainerObserver
 from ..oci import cgroups as oci_cgroups
+from ..oci import hooks as oci_hooks
 from ..oci.cgroups import Cgroup
 from ..oci.spec import Spec, SpecError, parse, parse_process, parse_resources
-from ..spawner.client import ExitEvent, Spawner, SpawnerGone, SpawnError
-from . import cgroup_tree, procfs, rootfs
+from ..spawner.client import Adopted, ExitEvent, Spawner, SpawnerGone, SpawnError
+from . import adoption, cgroup_tree, procfs, rootfs
 from .cgroup_tree import CgroupTree
 from .errors import Failure, check_id
 from .process import EXITED, SIGNALED, START_FAILED, ExitInfo, ProcessRecord
+from .records import RecordStore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -90,6 +98,8 @@ class Container:
         self.own_devpts = False  # terminals can be made inside it
         self.init: ProcessRecord | None = None
         self.execs: dict[str, ProcessRecord] = {}
+        self.spec: Spec | None = None  # for its poststart and poststop hooks
+        self.bundle = "/"
 
     def process(self, exec_id: str) -> ProcessRecord | None:
         return self.init if not exec_id else self.execs.get(exec_id)
@@ -107,12 +117,19 @@ class Manager:
         self._cgroups = cgroups
         self._log = log
         self._containers: dict[str, Container] = {}
+        self._records = RecordStore(os.path.join(settings.run_dir, "records"))
         self._own_pid_namespace = procfs.own_pid_namespace()
+        self.observer = ContainerObserver()  # told of starts, exits, removals (events)
+        # (source, destination) files bound read-only into every container that shares the
+        # sandbox's network: its resolv.conf, hosts, hostname (network.files).
+        self.shared_files: tuple[tuple[str, str], ...] = ()
         spawner.on_exit = self._on_exit
 
     def prepare(self) -> None:
-        """At agent start: the shared mount point the containers' directories go under."""
+        """At agent start: the shared mount point the containers' directories go under, and
+        where their records go."""
         rootfs.prepare_base(self._settings.containers_dir)
+        self._records.prepare()
 
     async def shutdown(self) -> None:
         """Remove every container (SIGKILL at once), as the guest is going away."""
@@ -126,6 +143,155 @@ class Manager:
         except OSError as exc:
             self._log.warning(f"stopping: {exc}")
 
+    # --- adoption --------------------------------------------------------------------------
+
+    async def adopt(self, adopted: list[Adopted] | None) -> None:
+        """At agent start, before serving: take over what a previous agent left.
+
+        ``adopted``: what the spawner a previous agent left reports, every fd now ours; None
+        when our spawner is new, so that any container left is beyond reach: torn down.
+        Processes in the spawner that no record knows, and records without processes, were
+        being made when that agent died; they are undone, as the host was never told they
+        exist.
+        """
+        records, broken = self._records.load_all()
+        children = adoption.by_container(adopted or ())
+        for container_id, why in broken.items():
+            self._log.warning(f"container {container_id}: unreadable record ({why}): removed")
+        for container_id, saved in records.items():
+            if adopted is None:
+                self._log.warning(f"container {container_id}: its spawner is gone: removed")
+                continue
+            container = Container(container_id)
+            try:
+                self._restore(container, saved, children.get(container_id, []))
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                self._log.error(f"container {container_id}: cannot adopt it ({exc!r}): removed")
+                for record in container.records():
+                    record.forget()
+                continue
+            self._containers[container_id] = container
+        # From now on exits find their records (some may be queued already).
+        self._spawner.listen()
+        for container_id, left in children.items():
+            adoption.close_fds(left)
+            if container_id not in self._containers:
+                await self._discard(container_id)
+                continue
+            for child in left:  # an exec (or a create) under way when the agent died
+                if child.state not in (adoption.FAILED, "exited") and child.pid:
+                    await self._kill_quietly(child.pid)
+        await self._remove_debris()
+        if adopted is not None:
+            self._log.info(
+                f"adopted {len(self._containers)} containers"
+                f" ({sum(len(c.records()) for c in self._containers.values())} processes)"
+            )
+
+    def _restore(
+        self, container: Container, saved: dict[str, Any], children: list[Adopted]
+    ) -> None:
+        """Rebuild ``container`` from its record and the spawner's ``children`` of it."""
+        container.created_unix = float(saved["created_unix"])
+        container.process_spec = dict(saved["process_spec"])
+        container.args = tuple(saved["args"])
+        container.source_rootfs = saved["source_rootfs"]
+        container.state_dir = saved["state_dir"]
+        if saved["cgroup"] and self._cgroups is not None:
+            container.cgroup = self._cgroups.cgroup(container.id)
+        if saved["pid_namespace"]:
+            container.pid_namespace = tuple(saved["pid_namespace"])  # type: ignore[assignment]
+        container.own_devpts = bool(saved["own_devpts"])
+        init_state = ""
+        to_kill: list[ProcessRecord] = []
+        for process in saved["processes"]:
+            exec_id = str(process["exec_id"])
+            pid = int(process["pid"])
+            terminal, console = bool(process["terminal"]), bool(process["console"])
+            oom_kills, started = int(process["oom_kills_at_start"]), float(process["started_unix"])
+            child = adoption.take(children, exec_id, pid)
+            try:
+                record = ProcessRecord(
+                    container.id,
+                    exec_id,
+                    terminal,
+                    console=console,
+                    offsets_path=self._records.offsets_path(container.id, exec_id),
+                    adopted=dict(child.fds) if child is not None else {},
+                )
+            except BaseException:
+                adoption.close_fds([child] if child is not None else [])
+                raise
+            record.pid = pid or (child.pid if child is not None else 0)
+            record.oom_kills_at_start = oom_kills
+            record.started_unix = started
+            self._track(container, record)
+            if exec_id:
+                container.execs[exec_id] = record
+            else:
+                container.init = record
+                init_state = child.state if child is not None else ""
+            start_failed = adoption.restored_exit(process["start_failed"])
+            if start_failed is not None:
+                record.set_exit(start_failed)
+            elif child is None:
+                record.set_exit(adoption.unknown_exit(record.pid))
+            elif child.exit is not None:
+                self._record_exit(container, record, child.exit)
+            elif child.state == adoption.FAILED:
+                record.stdio.abandon()
+                record.set_exit(adoption.failed_exit(child))
+            elif child.state == adoption.STARTING:
+                to_kill.append(record)  # the host never heard it started
+        if container.init is None:
+            raise ValueError("no process of its own")
+        if container.init.exit is not None:
+            container.status = STOPPED
+        elif init_state == adoption.CREATED:
+            container.status = CREATED
+        elif container.cgroup is not None and _frozen(container.cgroup):
+            container.status = PAUSED
+        else:
+            container.status = RUNNING
+        for record in to_kill:
+            if record.pid:
+                self._spawner.post("signal", pid=record.pid, signal=int(signal.SIGKILL))
+
+    async def _kill_quietly(self, pid: int) -> None:
+        try:
+            await self._spawner.signal(pid, signal.SIGKILL)
+        except (SpawnError, SpawnerGone):
+            pass  # ended meanwhile: its exit is on its way
+
+    async def _discard(self, container_id: str) -> None:
+        try:
+            await self._spawner.discard(container_id)
+        except (SpawnError, SpawnerGone) as exc:
+            self._log.warning(f"container {container_id}: cannot discard its processes: {exc}")
+
+    async def _remove_debris(self) -> None:
+        """Whatever no container claims: the records directory, mounts and cgroups of a
+        container that a previous agent was making, or one it left beyond reach."""
+        known = set(self._containers)
+        for name in _listdir(self._records.directory):
+            if name not in known:
+                self._records.delete(name)
+        for name in _listdir(self._settings.containers_dir):
+            if name not in known:
+                try:
+                    rootfs.teardown(os.path.join(self._settings.containers_dir, name))
+                except OSError as exc:
+                    self._log.warning(f"leftover {name}: unmounting: {exc}")
+        if self._cgroups is None:
+            return
+        for name in _listdir(self._cgroups.containers):
+            cgroup = self._cgroups.cgroup(name)
+            if name not in known and os.path.isdir(cgroup.path):
+                try:
+                    await cgroup_tree.remove(cgroup, KILL_DEADLINE_S)
+                except (OSError, TimeoutError) as exc:
+                    self._log.warning(f"leftover cgroup {name}: {exc}")
+
     # --- lookup ----------------------------------------------------------------------------
 
     def _get(self, container_id: str) -> Container:
@@ -133,6 +299,10 @@ class Manager:
         if container is None or container.status == CREATING or container.removed:
             raise Failure("NOT_FOUND", f"no container {container_id!r}")
         return container
+
+    def container(self, container_id: str) -> Container:
+        """The container (NOT_FOUND while it is being created or once removed)."""
+        return self._get(container_id)
 
     def find_process(self, container_id: str, exec_id: str) -> ProcessRecord:
         container = self._get(container_id)
@@ -158,6 +328,10 @@ class Manager:
         if bundle_dir and not bundle_dir.startswith("/"):
             raise Failure("INVALID_ARGUMENT", f"bundle_dir: must be absolute, not {bundle_dir!r}")
         lower = self._lower_dir(spec, bundle_dir)
+        if self.shared_files:
+            from ..network.files import add_container_binds
+
+            add_container_binds(value, self.shared_files, lower)
 
         container = Container(container_id)
         self._containers[container_id] = container  # reserves the id at once
@@ -222,12 +396,30 @@ class Manager:
 
         container.own_devpts = _has_own_devpts(spec)
         console = spec.process.terminal and container.own_devpts
-        record = ProcessRecord(container_id, "", spec.process.terminal, console=console)
+        try:
+            self._records.create_dir(container_id)
+        except OSError as exc:
+            raise Failure("FAILED_PRECONDITION", f"the container's record: {exc}") from None
+        undo.append(lambda: self._records.delete(container_id))
+        record = ProcessRecord(
+            container_id,
+            "",
+            spec.process.terminal,
+            console=console,
+            offsets_path=self._records.offsets_path(container_id, ""),
+        )
         undo.append(record.forget)
+        self._track(container, record)
         container.init = record
         container.process_spec = dict(value["process"])
         container.args = spec.process.args
+        container.spec = spec
+        container.bundle = bundle_dir or "/"
         cgroup_path = container.cgroup.path if container.cgroup else ""
+        undo.append(lambda: self._forget(container_id))  # whatever the spawner got to make
+        # A create that fails from here on (a hook, say) ends like a removal: poststop hooks
+        # once everything else is undone (runtime spec, lifecycle steps 12 and 13).
+        undo.insert(0, lambda: self._run_hooks(container, "poststop", "stopped"))
         try:
             if console:
                 pid, master = await self._spawner.create_console(
@@ -241,6 +433,7 @@ class Manager:
                     spec=value,
                     stdio=record.stdio.child_fds,
                     cgroup=cgroup_path,
+                    keep=record.stdio.kept_fds,
                 )
         except SpawnError as exc:
             raise _spawn_failure(exc, "oci_spec") from None
@@ -254,6 +447,7 @@ class Manager:
             if namespace != self._own_pid_namespace:
                 container.pid_namespace = namespace
         container.status = CREATED
+        self._save(container)
         self._log.debug(f"container {container_id} created: pid {pid}, root {root}")
         return pid
 
@@ -278,9 +472,14 @@ class Manager:
                 record.stdio.abandon()
                 record.set_exit(_start_failed(record.pid, exc))
                 container.status = STOPPED
+                self._save(container)
+                self.observer.exited(container, record)
                 raise _spawn_failure(exc, "oci_spec") from None
             except SpawnerGone as exc:
                 raise Failure("UNAVAILABLE", str(exc)) from None
+            self._save(container)
+            self.observer.started(container)
+            await self._run_hooks(container, "poststart", "running", record.pid)
 
     async def exec(self, container_id: str, exec_id: str, process_json: bytes) -> int:
         container = self._get(container_id)
@@ -305,8 +504,15 @@ class Manager:
                     f"container {container_id!r} is {container.status}, not running",
                 )
             console = process.terminal and container.own_devpts
-            record = ProcessRecord(container_id, exec_id, process.terminal, console=console)
+            record = ProcessRecord(
+                container_id,
+                exec_id,
+                process.terminal,
+                console=console,
+                offsets_path=self._records.offsets_path(container_id, exec_id),
+            )
             record.oom_kills_at_start = self._oom_kills(container)
+            self._track(container, record)
             # Registered first: the exit may be reported before the reply is read.
             container.execs[exec_id] = record
             try:
@@ -317,11 +523,17 @@ class Manager:
                     record.stdio.attach_master(master)
                 else:
                     pid = await self._spawner.exec(
-                        container_id, merged, stdio=record.stdio.child_fds, exec_id=exec_id
+                        container_id,
+                        merged,
+                        stdio=record.stdio.child_fds,
+                        exec_id=exec_id,
+                        keep=record.stdio.kept_fds,
                     )
             except SpawnError as exc:
                 record.stdio.abandon()
                 record.set_exit(_start_failed(0, exc))
+                self._save(container)
+                self.observer.exited(container, record)
                 raise _spawn_failure(exc, "process") from None
             except BaseException as exc:
                 record.forget()
@@ -332,16 +544,54 @@ class Manager:
             finally:
                 record.stdio.close_child_fds()
             record.pid = pid
+            self._save(container)
             return pid
+
+    # --- records, and what the spawner keeps -------------------------------------------------
+
+    def _track(self, container: Container, record: ProcessRecord) -> None:
+        """Tell the spawner when its copies of the process's stdio are no longer needed."""
+        container_id, exec_id = container.id, record.exec_id
+
+        def stdin_closed() -> None:
+            if record.exit is None and not record.forgotten:  # an ended one's is gone already
+                self._spawner.post("drop_stdin", container_id=container_id, exec_id=exec_id)
+
+        def finished() -> None:
+            self._spawner.post("release", container_id=container_id, exec_id=exec_id)
+
+        record.stdio.on_stdin_closed = stdin_closed
+        record.on_finished = finished
+
+    def _save(self, container: Container) -> None:
+        try:
+            self._records.save(container.id, _record_of(container))
+        except OSError as exc:
+            # The container works on; only an agent after this one would not know it.
+            self._log.error(f"container {container.id}: cannot write its record: {exc}")
+
+    async def _forget(self, container_id: str) -> None:
+        try:
+            await self._spawner.forget(container_id)
+        except (SpawnError, SpawnerGone):
+            pass  # it never had the container, or it is gone with all it had
 
     # --- exits -----------------------------------------------------------------------------
 
     def _on_exit(self, event: ExitEvent) -> None:
         container = self._containers.get(event.container_id)
         record = container.process(event.exec_id) if container is not None else None
-        if container is None or record is None:
+        if container is None or record is None or (record.pid and record.pid != event.pid):
+            # (another pid: a process an agent before us left half-made, killed on adoption)
             self._log.debug(f"exit of unknown process {event}")
             return
+        info = self._record_exit(container, record, event)
+        self.observer.exited(container, record)
+        self._log.debug(f"process {record.name} (pid {event.pid}) ended: {info}")
+
+    def _record_exit(
+        self, container: Container, record: ProcessRecord, event: ExitEvent
+    ) -> ExitInfo:
         if not record.pid:
             record.pid = event.pid
         if event.signal is not None:
@@ -358,7 +608,20 @@ class Manager:
         record.set_exit(info)
         if record is container.init:
             container.status = STOPPED
-        self._log.debug(f"process {record.name} (pid {event.pid}) ended: {info}")
+        return info
+
+    async def _run_hooks(self, container: Container, kind: str, status: str, pid: int = 0) -> None:
+        """poststart or poststop hooks, which the spawner runs (see ``oci.hooks``); a failure
+        is logged, never the operation's (runtime spec, lifecycle steps 9 and 13)."""
+        spec = container.spec
+        todo = oci_hooks.of(spec.hooks, kind) if spec is not None else ()
+        if spec is None or not todo:
+            return
+        state = oci_hooks.state(spec, container.id, container.bundle, status, pid)
+        try:
+            await self._spawner.run_hooks(kind, oci_hooks.encode(todo), state)
+        except (SpawnError, SpawnerGone) as exc:
+            self._log.warning(f"container {container.id}: {exc}")
 
     def _oom_kills(self, container: Container) -> int:
         if container.cgroup is None:
@@ -442,6 +705,7 @@ class Manager:
             if container.removed:
                 raise Failure("NOT_FOUND", f"no container {container_id!r}")
             await self._stop_processes(container, timeout_ms / 1000)
+            self.observer.removed(container)
             container.removed = True
             problems = []
             for record in container.records():
@@ -456,7 +720,11 @@ class Manager:
                     await cgroup_tree.remove(container.cgroup, KILL_DEADLINE_S)
                 except (OSError, TimeoutError) as exc:
                     problems.append(f"removing the cgroup: {exc}")
+            # While the id is still ours: a new container of that id must keep its records.
+            await self._forget(container_id)
+            self._records.delete(container_id)
             del self._containers[container_id]
+        await self._run_hooks(container, "poststop", "stopped")
         self._log.debug(f"container {container_id} removed")
         if problems:
             for problem in problems:
@@ -523,12 +791,14 @@ class Manager:
                 raise Failure("FAILED_PRECONDITION", f"cgroup.freeze: {exc}") from None
             if container.status == want:  # not stopped meanwhile
                 container.status = PAUSED if frozen else RUNNING
+                self._save(container)
 
     async def update(self, container_id: str, resources_json: bytes) -> None:
         container = self._get(container_id)
         value = _decode_json(resources_json, "resources")
         try:
-            files = oci_cgroups.resources_to_v2(parse_resources(value, "resources"))
+            resources = parse_resources(value, "resources")
+            files = oci_cgroups.resources_to_v2(resources)
         except SpecError as exc:
             raise Failure("INVALID_ARGUMENT", str(exc)) from None
         async with container.lock:
@@ -536,6 +806,7 @@ class Manager:
                 raise Failure("FAILED_PRECONDITION", "no cgroup v2 here: resources cannot apply")
             try:
                 container.cgroup.write_files(files)
+                container.cgroup.set_devices(resources.devices)  # replaces the program, if any
             except OSError as exc:
                 raise _cgroup_failure(exc, "resources") from None
 
@@ -604,6 +875,48 @@ class Manager:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _record_of(container: Container) -> dict[str, Any]:
+    """What an agent after this one needs to know about ``container`` (see ``records``)."""
+    return {
+        "id": container.id,
+        "status": container.status,
+        "created_unix": container.created_unix,
+        "process_spec": container.process_spec,
+        "args": list(container.args),
+        "source_rootfs": container.source_rootfs,
+        "state_dir": container.state_dir,
+        "cgroup": container.cgroup is not None,
+        "pid_namespace": list(container.pid_namespace) if container.pid_namespace else None,
+        "own_devpts": container.own_devpts,
+        "processes": [
+            {
+                "exec_id": r.exec_id,
+                "pid": r.pid,
+                "terminal": r.terminal,
+                "console": r.console,
+                "oom_kills_at_start": r.oom_kills_at_start,
+                "started_unix": r.started_unix,
+                # Start failures are the agent's alone; every other exit the spawner keeps.
+                "start_failed": r.exit._asdict()
+                if r.exit is not None and r.exit.kind == START_FAILED
+                else None,
+            }
+            for r in container.records()
+        ],
+    }
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
+def _frozen(cgroup: Cgroup) -> bool:
+    return (procfs.read_file(cgroup.file("cgroup.freeze")) or b"").strip() == b"1"
 
 
 def _decode_json(raw: bytes, field: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from .stdio import ProcessStdio
@@ -59,7 +60,14 @@ class Session(Protocol):
 
 class ProcessRecord:
     def __init__(
-        self, container_id: str, exec_id: str, terminal: bool, *, console: bool = False
+        self,
+        container_id: str,
+        exec_id: str,
+        terminal: bool,
+        *,
+        console: bool = False,
+        offsets_path: str = "",
+        adopted: dict[str, int] | None = None,
     ) -> None:
         self.container_id = container_id
         self.exec_id = exec_id
@@ -74,7 +82,14 @@ class ProcessRecord:
         self.oom_kills_at_start = 0  # memory.events oom_kill when it started
         self.started_unix = time.time()
         self.console = console  # a terminal the process makes in its container
-        self.stdio = ProcessStdio(terminal, self.on_stdio_change, console=console)
+        self.on_finished: Callable[[], None] | None = None  # once, when finished is set
+        self.stdio = ProcessStdio(
+            terminal,
+            self.on_stdio_change,
+            console=console,
+            offsets_path=offsets_path,
+            adopted=adopted,
+        )
 
     @property
     def name(self) -> str:
@@ -103,6 +118,8 @@ class ProcessRecord:
         # Nobody can read stdin any more; what the host still sends is dropped.
         self.stdio.stdin.close()
         self.finished.set()
+        if self.on_finished is not None:
+            self.on_finished()
 
     def take_stdio(self, session: Session) -> None:
         """``session`` is now the one attached; a previous one is told it was replaced."""

@@ -15,6 +15,13 @@ agent makes the pty (from the guest's devpts) and hands the slave over, or, when
 container has a devpts of its own, the process makes it there during setup (so ``tty`` can
 name it) and the master arrives with the spawner's reply: :meth:`ProcessStdio.attach_master`.
 Until then stdin queues and nothing is read.
+
+Surviving the agent: the spawner keeps a duplicate of the agent's ends (``kept_fds``), so a
+restarted agent gets them back (``adopted``) and reads on where the pipe is; the container
+only blocks on a full pipe meanwhile. Since that duplicate of a stdin pipe's write end would
+keep the process from ever seeing the end of its input, closing stdin calls
+``on_stdin_closed`` (the manager tells the spawner to drop its copy). Each stream's numbering
+is recorded as it goes (``offsets``), so that the next agent numbers on after it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .buffer import CHUNK, OutputBuffer
+from .offsets import STDERR, STDOUT, Offsets
 
 EOF_CHAR = b"\x04"  # ^D, the usual VEOF, when the terminal's own cannot be read
 READ_SIZE = 4 * CHUNK  # per wake-up: fewer trips through the loop when the writer is fast
@@ -45,11 +53,15 @@ class OutputPipe:
         on_change: Callable[[], None],
         *,
         owns_fd: bool = True,
+        offsets: Offsets | None = None,
+        slot: int = STDOUT,
     ) -> None:
         self.fd = fd
         self.buffer = buffer
         self._on_change = on_change
         self._owns_fd = owns_fd  # a pty master is shared with the stdin side
+        self._offsets = offsets if offsets is not None else Offsets()
+        self._slot = slot
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self.resume()
@@ -70,9 +82,13 @@ class OutputPipe:
         if room == 0:  # read(fd, 0) would look like the end of stream
             self._pause()
             return
+        size = min(room, READ_SIZE)
+        # Should the agent die within the read, the next one numbers on after all of it.
+        self._offsets[self._slot] = self.buffer.end + size
         try:
-            data = os.read(self.fd, min(room, READ_SIZE))
+            data = os.read(self.fd, size)
         except BlockingIOError:
+            self._offsets[self._slot] = self.buffer.end
             return
         except OSError as exc:
             # EIO: a pty master whose last slave closed, its end of stream.
@@ -85,6 +101,7 @@ class OutputPipe:
             self.buffer.append(data)
             if self.buffer.room == 0:
                 self._pause()
+        self._offsets[self._slot] = self.buffer.end
         self._on_change()
 
     def finish(self) -> None:
@@ -99,13 +116,22 @@ class OutputPipe:
 class StdinSink:
     """Writes the host's bytes to a process's stdin (a pipe or the pty master)."""
 
-    def __init__(self, fd: int, on_change: Callable[[], None], *, terminal: bool) -> None:
+    def __init__(
+        self,
+        fd: int,
+        on_change: Callable[[], None],
+        *,
+        terminal: bool,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.fd = fd
         self.terminal = terminal
         self._on_change = on_change
+        self._on_close = on_close  # a pipe's write end was closed (not called for a pty)
         self._loop = asyncio.get_running_loop()
         self._queue: deque[memoryview] = deque()
         self.pending = 0  # bytes accepted from the host, not yet written
+        self.written = 0  # bytes written to the process so far (metrics)
         self._eof_requested = False
         self._writing = False
         self.closed = False  # nothing more can reach the process
@@ -165,6 +191,7 @@ class StdinSink:
                 self._on_change()
                 return
             self.pending -= written
+            self.written += written
             if written == len(view):
                 self._queue.popleft()
             else:
@@ -182,34 +209,52 @@ class StdinSink:
             self._writing = False
         self._queue.clear()
         self.pending = 0
-        if not self.closed and close_fd and not self.terminal and self.fd >= 0:
+        closing = not self.closed and close_fd and not self.terminal and self.fd >= 0
+        if closing:
             os.close(self.fd)
         self.closed = True
+        if closing and self._on_close is not None:
+            self._on_close()
 
 
 class ProcessStdio:
-    """The agent's side of one process's stdio, plus the fds to hand to the spawner."""
+    """The agent's side of one process's stdio, plus the fds to hand to the spawner.
+
+    ``offsets_path``: where the streams' numbering is recorded (see ``offsets``). ``adopted``:
+    the agent's ends that a spawner kept for a process a previous agent started (by name, as
+    in :attr:`kept_fds`; a missing output end has reached its end), numbered on from the
+    record at ``offsets_path``; no new pipes are made then.
+    """
 
     def __init__(
-        self, terminal: bool, on_change: Callable[[], None], *, console: bool = False
+        self,
+        terminal: bool,
+        on_change: Callable[[], None],
+        *,
+        console: bool = False,
+        offsets_path: str = "",
+        adopted: dict[str, int] | None = None,
     ) -> None:
         self.terminal = terminal
-        self.stdout = OutputBuffer()
-        self.stderr = OutputBuffer()
+        self.offsets = Offsets(offsets_path, fresh=adopted is None)
+        self.stdout = OutputBuffer(start=self.offsets[STDOUT])
+        self.stderr = OutputBuffer(start=self.offsets[STDERR])
         self.child_fds: list[int] = []  # for the spawner; closed by close_child_fds()
+        self.kept_fds: dict[str, int] = {}  # ours, of which the spawner keeps duplicates
+        self.on_stdin_closed: Callable[[], None] | None = None
         self._master = -1
         opened: list[int] = []
         try:
-            if terminal:
+            if adopted is not None:
+                self._adopt(on_change, adopted)
+            elif terminal:
                 if not console:
                     self._master, slave = os.openpty()  # both close-on-exec (PEP 446)
                     opened += [self._master, slave]
                     os.set_blocking(self._master, False)
                     self.child_fds = [slave]
-                self.out = OutputPipe(self._master, self.stdout, on_change, owns_fd=False)
-                self.stderr.eof = True  # a terminal has one output stream
-                self.err: OutputPipe | None = None
-                self.stdin = StdinSink(self._master, on_change, terminal=True)
+                    self.kept_fds = {"pty": self._master}
+                self._terminal_ends(on_change)
             else:
                 stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
                 opened += [stdin_r, stdin_w]
@@ -224,13 +269,49 @@ class ProcessStdio:
                 for fd in (out_r, err_r):
                     _grow_pipe(fd)
                 self.child_fds = [stdin_r, out_w, err_w]
-                self.out = OutputPipe(out_r, self.stdout, on_change)
-                self.err = OutputPipe(err_r, self.stderr, on_change)
-                self.stdin = StdinSink(stdin_w, on_change, terminal=False)
+                self.kept_fds = {"stdin": stdin_w, "stdout": out_r, "stderr": err_r}
+                self._pipe_ends(on_change, stdin_w, out_r, err_r)
         except BaseException:
             for fd in opened:
                 os.close(fd)
+            self.offsets.close()
             raise
+
+    def _terminal_ends(self, on_change: Callable[[], None]) -> None:
+        self.out = OutputPipe(
+            self._master, self.stdout, on_change, owns_fd=False, offsets=self.offsets
+        )
+        self.stderr.eof = True  # a terminal has one output stream
+        self.err: OutputPipe | None = None
+        self.stdin = StdinSink(self._master, on_change, terminal=True)
+
+    def _pipe_ends(self, on_change: Callable[[], None], stdin: int, out: int, err: int) -> None:
+        self.out = OutputPipe(out, self.stdout, on_change, offsets=self.offsets, slot=STDOUT)
+        self.err = OutputPipe(err, self.stderr, on_change, offsets=self.offsets, slot=STDERR)
+        self.stdin = StdinSink(stdin, on_change, terminal=False, on_close=self._stdin_closed)
+
+    def _adopt(self, on_change: Callable[[], None], fds: dict[str, int]) -> None:
+        for fd in fds.values():
+            os.set_blocking(fd, False)  # ours were; a console master came blocking
+        if self.terminal:
+            self._master = fds.get("pty", -1)
+            self._terminal_ends(on_change)
+            if self._master < 0:  # released: the output had all been read
+                self.out.finish()
+                self.stdin.close()
+            return
+        self._pipe_ends(
+            on_change, fds.get("stdin", -1), fds.get("stdout", -1), fds.get("stderr", -1)
+        )
+        for pipe in (self.out, self.err):
+            if pipe is not None and pipe.fd < 0:
+                pipe.finish()
+        if self.stdin.fd < 0:  # closed by the previous agent, or the process ended
+            self.stdin.close()
+
+    def _stdin_closed(self) -> None:
+        if self.on_stdin_closed is not None:
+            self.on_stdin_closed()
 
     def attach_master(self, master: int) -> None:
         """The pty master the process made in its container (console mode)."""
@@ -288,6 +369,7 @@ class ProcessStdio:
     def close(self) -> None:
         """Forget everything: stop watching, close every fd, free the buffers."""
         self.close_child_fds()
+        self.on_stdin_closed = None  # the spawner forgets the process as a whole
         self.stdin.close(close_fd=not self.terminal)
         self.out.finish()
         if self.err is not None:
@@ -297,6 +379,7 @@ class ProcessStdio:
             self._master = -1
         self.stdout.clear()
         self.stderr.clear()
+        self.offsets.close()
 
 
 def _grow_pipe(fd: int) -> None:

@@ -18,8 +18,8 @@ _libc: ctypes.CDLL | None = None
 
 # System call numbers for the calls glibc 2.36 does not wrap.
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
+    "x86_64": {"pivot_root": 155, "bpf": 321},
+    "aarch64": {"pivot_root": 41, "bpf": 280},
 }
 
 

@@ -2,7 +2,8 @@
 :class:`Cgroup` that creates, fills, freezes, measures, kills and removes one container's group.
 
 The guest mounts only the unified hierarchy (DESIGN decision 6), so there is no v1 code here.
-``linux.resources.devices`` has no file in v2 (it needs an eBPF program) and is not mapped.
+``linux.resources.devices`` has no file in v2: it becomes an eBPF program attached to the
+group (``device_filter``), by :meth:`Cgroup.create` and :meth:`Cgroup.update`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .spec import Resources, SpecError
+from .spec import DeviceRule, Resources, SpecError
 
 DEFAULT_ROOT = "/sys/fs/cgroup/bulkhead"
 # Controllers handed down to the containers' groups when the kernel offers them.
@@ -203,18 +204,36 @@ class Cgroup:
     # creation and settings
 
     def create(self, resources: Resources | None = None) -> None:
-        """Create the group (and ``root``), hand it the controllers, apply ``resources``."""
+        """Create the group (and ``root``), hand it the controllers, apply ``resources``.
+
+        Device rules included: the group is made before the container's process joins it,
+        so the process never runs unfiltered.
+        """
         files = resources_to_v2(resources) if resources is not None else {}
         self._prepare_parent()
         os.mkdir(self.path, 0o755)
         try:
             self.write_files(files)
+            if resources is not None:
+                self.set_devices(resources.devices)
         except BaseException:
             self.remove()
             raise
 
     def update(self, resources: Resources) -> None:
         self.write_files(resources_to_v2(resources))
+        self.set_devices(resources.devices)
+
+    def set_devices(self, rules: tuple[DeviceRule, ...]) -> None:
+        """Make ``rules`` the group's device rules (a new program replaces the old one).
+
+        No rules leaves the group as it is: an update that does not mention devices keeps
+        them. bpf(2) and ctypes are only loaded when a spec has rules.
+        """
+        if rules:
+            from . import device_filter
+
+            device_filter.apply(self.path, rules)
 
     def write_files(self, files: dict[str, str]) -> None:
         for name, value in files.items():

@@ -17,14 +17,17 @@ Creating a container (``CREATE_STEPS``), in the child the spawner forked:
    process makes it after the user namespace and forks once more, and its parent reports the
    child's pid to the spawner and exits. Then a new session (the pty as its terminal).
 4. the root filesystem (with a mount namespace): mounts made slave so nothing leaks to the
-   guest, the rootfs bound onto itself, the spec's mounts, default devices, pivot_root (or,
-   when the guest runs from its initramfs, which cannot be pivoted away from, a move + chroot)
+   guest, the rootfs bound onto itself, the spec's mounts, default devices; the OCI hooks
+   prestart and createRuntime (the spawner runs them in the runtime's namespaces while this
+   process waits) and createContainer (run here); pivot_root (or, when the guest runs from
+   its initramfs, which cannot be pivoted away from, a move + chroot)
 5. the UTS names, sysctls, read-only and masked paths, a read-only root
 6. the console, when the process wants a terminal and the agent asked for one made inside
    the container: a pty from the container's own devpts (so ``tty`` names it), whose master
    goes back to the agent; then rlimits, capability bounding set, user and groups,
    capabilities, no_new_privs, working directory, stray fds closed
-7. report "ready" and hold until the spawner says "start" (the OCI create/start split)
+7. report "ready" and hold until the spawner says "start" (the OCI create/start split), then
+   run the startContainer hooks
 8. seccomp (last, when no_new_privs allows it; otherwise before the privileges are dropped,
    while CAP_SYS_ADMIN still permits loading a filter) and exec
 
@@ -51,6 +54,7 @@ from ..linux import namespaces as ns
 from ..linux import prctl
 from ..linux.users import setgroups
 from ..linux.uts import setdomainname, sethostname
+from . import hooks
 from .paths import make_mount_point, resolve_in_root
 from .spec import Mount, Process, Seccomp, Spec
 
@@ -114,6 +118,7 @@ class Context:
         "cgroup",
         "channel",
         "console",
+        "container_id",
         "fork_for_pid_ns",
         "hold",
         "in_user_ns",
@@ -144,6 +149,7 @@ class Context:
         join_pid: int = 0,  # exec: a process of the container to join
         hold: bool = False,  # create: wait for "start" before exec
         console: bool = False,  # make the pty inside the container; stdio is then empty
+        container_id: str = "",  # create: for the OCI hooks' state
     ) -> None:
         self.process = process
         self.stdio = stdio  # 3 fds (stdin, stdout, stderr), 1 (a pty slave), or none (console)
@@ -159,6 +165,7 @@ class Context:
         self.join_pid = join_pid
         self.hold = hold
         self.console = console
+        self.container_id = container_id
         # learnt along the way
         self.in_user_ns = False
         self.joined_mount_ns = False
@@ -513,6 +520,32 @@ def _create_device(ctx: Context, device: Any) -> None:
         os.chown(target, uid, device.gid if device.gid is not None else -1)
 
 
+@_named("create_runtime_hooks")
+def run_create_runtime_hooks(ctx: Context) -> None:
+    """prestart, then createRuntime: they belong in the runtime's namespaces, which this
+    process has left, so the spawner runs them (see ``oci.hooks``) while it waits here."""
+    assert ctx.spec is not None
+    if not (ctx.spec.hooks.prestart or ctx.spec.hooks.create_runtime):
+        return
+    state = hooks.state(ctx.spec, ctx.container_id, ctx.bundle, "creating")
+    ctx.channel.send({"hooks": "createRuntime", "state": state})  # the spawner adds our pid
+    reply = ctx.channel.recv()
+    if reply is None:
+        os._exit(1)  # the spawner is gone: nobody waits for this container any more
+    if not reply.get("hooks_done"):
+        raise hooks.HookError(reply.get("errno") or 0, reply.get("message") or "failed")
+
+
+@_named("create_container_hooks")
+def run_create_container_hooks(ctx: Context) -> None:
+    """In the container's namespaces but before pivot_root: the path resolves in the
+    runtime's file system; the pid in the state is ours as the container sees it."""
+    assert ctx.spec is not None
+    if ctx.spec.hooks.create_container:
+        state = hooks.state(ctx.spec, ctx.container_id, ctx.bundle, "creating", os.getpid())
+        hooks.run_all("createContainer", ctx.spec.hooks.create_container, state)
+
+
 @_named("pivot_root")
 def pivot_root(ctx: Context) -> None:
     if not _sets_up_rootfs(ctx):
@@ -749,6 +782,15 @@ def wait_for_start(ctx: Context) -> None:
         raise OSError(errno.EPROTO, f"expected start, got {message!r}")
 
 
+@_named("start_container_hooks")
+def run_start_container_hooks(ctx: Context) -> None:
+    """In the container, as the process's user, just before its program: paths resolve in
+    the container. Not for exec (no spec)."""
+    if ctx.spec is not None and ctx.spec.hooks.start_container:
+        state = hooks.state(ctx.spec, ctx.container_id, ctx.bundle, "created", os.getpid())
+        hooks.run_all("startContainer", ctx.spec.hooks.start_container, state)
+
+
 @_named("seccomp")
 def install_seccomp(ctx: Context) -> None:
     if ctx.seccomp is not None and not _seccomp_early(ctx):
@@ -799,6 +841,7 @@ _PROCESS_STEPS: tuple[Step, ...] = (
     change_directory,
     close_fds,
     wait_for_start,
+    run_start_container_hooks,
     install_seccomp,
     exec_process,
 )
@@ -817,6 +860,8 @@ CREATE_STEPS: tuple[Step, ...] = (
     bind_rootfs,
     mount_spec_mounts,
     create_devices,
+    run_create_runtime_hooks,
+    run_create_container_hooks,
     pivot_root,
     chroot_rootfs,
     set_rootfs_propagation,

@@ -17,6 +17,12 @@ blocked writing, so it reads no stdin either) requests keep being read to reach 
 acknowledgements, and stdin queues past the limit, up to STDIN_HARD_LIMIT; a host that gets
 there is sending stdin and never acknowledging, and its stream ends with RESOURCE_EXHAUSTED.
 
+After an agent restart. A process adopted from an agent that died numbers each stream on from
+where that agent got to (``containers.offsets``); what it had read and not delivered is lost.
+A host resuming below that point first gets ``gap`` (from its offset to where output resumes)
+for the stream, so the loss is visible, never papered over; at or above it, nothing was lost
+and the stream simply goes on.
+
 End. Once the process has exited, both streams reached end of file and everything was sent,
 the session sends ``exit`` and the stream ends. A newer Attach to the same process takes over:
 the older stream ends with ABORTED. Removing the container ends it with NOT_FOUND.
@@ -76,6 +82,11 @@ class AttachSession:
                 self._ack(name, offset)  # what the host has, it no longer needs kept
             self._apply(first)
             self._reader = asyncio.create_task(self._read_requests())
+            for name, offset in offsets.items():
+                resume = record.stdio.buffer(name).acked
+                if offset < resume:  # below what this agent has: lost with an earlier one
+                    gap = agent_pb2.OutputGap(stream=name, from_offset=offset, to_offset=resume)
+                    await self._context.write(agent_pb2.AttachResponse(gap=gap))
             await self._send()
         finally:
             if self._reader is not None:

@@ -18,7 +18,9 @@ import grpc
 
 from bulkhead_agent.containers.errors import Failure
 from bulkhead_agent.containers.manager import Manager
+from bulkhead_agent.services import storage as storage_rpcs
 from bulkhead_agent.services.attach import AttachSession, exit_message
+from bulkhead_agent.storage.manager import StorageManager
 from bulkhead_proto.v1 import agent_pb2
 
 T = TypeVar("T")
@@ -39,11 +41,22 @@ class ContainerRpcs:
     """Needs ``self._containers``, the agent's :class:`Manager`."""
 
     _containers: Manager
+    _storages: StorageManager | None = None
 
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateContainerResponse:
-        work = self._containers.create(request.container_id, request.oci_spec, request.bundle_dir)
+        # Through the storage service: it adds the container's storages and resolves its
+        # storage references first (and undoes that if the create fails).
+        work = storage_rpcs.create_container(
+            self._storages,
+            self._containers,
+            request.container_id,
+            request.oci_spec,
+            request.bundle_dir,
+            request.rootfs_storage,
+            list(request.storages),
+        )
         pid = await _call(context, work, shield=True)
         return pb.CreateContainerResponse(pid=pid)
 
@@ -78,7 +91,9 @@ class ContainerRpcs:
     async def RemoveContainer(
         self, request: pb.RemoveContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveContainerResponse:
-        work = self._containers.remove(request.container_id, request.timeout_ms)
+        work = storage_rpcs.remove_container(
+            self._storages, self._containers, request.container_id, request.timeout_ms
+        )
         await _call(context, work, shield=True)
         return pb.RemoveContainerResponse()
 

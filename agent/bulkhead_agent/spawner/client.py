@@ -9,6 +9,13 @@ A process with a terminal gets either a pty slave the caller made (``stdio=[slav
 with ``create_console``/``exec_console``, a pty the process makes inside the container,
 from the container's own devpts, whose master comes back with the reply: only then does the
 slave have a name in the container (``tty`` prints it).
+
+Re-adoption. Launched with ``listen=PATH``, the spawner outlives an agent that dies: it keeps
+its processes, their exit statuses and a duplicate of the agent's end of their stdio (``keep``
+on create and exec), and waits on PATH for the next agent, which calls :meth:`Spawner.connect`
+to get it all back (:class:`Adopted`). The agent then tells it when those duplicates are no
+longer needed (:meth:`drop_stdin`, :meth:`release`, :meth:`forget`). Only :meth:`shutdown`
+(or :meth:`close`) ends a listening spawner; the end of the connection alone does not.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import os
 import select
 import signal
 import socket
+import stat
+import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from . import protocol
@@ -40,6 +49,10 @@ class SpawnerGone(ConnectionError):
     """The spawner process ended; every pending request fails with this."""
 
 
+class AdoptionError(ConnectionError):
+    """A spawner listens, but handing its processes over failed (or took too long)."""
+
+
 class ExitEvent(NamedTuple):
     pid: int
     exit_code: int | None  # None when killed by a signal
@@ -48,6 +61,21 @@ class ExitEvent(NamedTuple):
     exec_id: str = ""  # "" for a container's own process
     # Left false by the spawner: the agent decides from the cgroup's memory.events.
     oom_killed: bool = False
+
+
+class Adopted(NamedTuple):
+    """One process an adopted spawner reports, as the previous agent left it."""
+
+    kind: str  # "container" (its own process) or "exec"
+    container_id: str
+    exec_id: str
+    pid: int  # 0 while a PID-namespace child was still being made
+    # "created" (held before exec), "running", "exited" (then ``exit``), "failed" (setup
+    # or exec failed: ``error``), "starting" (a create, start or exec in progress)
+    state: str
+    exit: ExitEvent | None
+    error: SpawnError | None
+    fds: dict[str, int]  # the agent's ends of its stdio that were kept: now the caller's
 
 
 class Spawner:
@@ -65,19 +93,24 @@ class Spawner:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone = False
+        self._posted: set[asyncio.Task[dict[str, Any]]] = set()
 
     @classmethod
-    def launch(cls, on_exit: Callable[[ExitEvent], None] | None = None) -> Spawner:
+    def launch(
+        cls, on_exit: Callable[[ExitEvent], None] | None = None, *, listen: str = ""
+    ) -> Spawner:
         """Fork the spawner process (before any thread exists) and return its handle.
 
         The spawner imports what it needs after the fork, in parallel with the agent's own
         start-up, so the agent pays neither the time nor the memory for it. Requests sent
-        before it is ready simply wait in the socket.
+        before it is ready simply wait in the socket. With ``listen``, a socket path (its
+        directory must exist), the spawner outlives this agent for the next one to adopt.
         """
         import threading
 
         if threading.active_count() > 1:
             raise RuntimeError("launch the spawner before starting any thread: fork() is unsafe")
+        listener = _listen(listen) if listen else None
         ours, theirs = protocol.socketpair()
         pid = os.fork()
         if pid == 0:
@@ -91,7 +124,7 @@ class Spawner:
                 from . import server
 
                 os.setpriority(os.PRIO_PROCESS, 0, 0)
-                server.run(theirs)
+                server.run(theirs, listener)
             except BaseException:
                 import traceback
 
@@ -101,8 +134,73 @@ class Spawner:
                 sys.stderr.flush()
                 os._exit(code)
         theirs.close()
+        if listener is not None:
+            listener.close()
         ours.setblocking(False)
         return cls(ours, pid, on_exit)
+
+    @classmethod
+    def connect(
+        cls,
+        path: str,
+        *,
+        timeout: float,
+        on_exit: Callable[[ExitEvent], None] | None = None,
+    ) -> tuple[Spawner, list[Adopted]] | None:
+        """Adopt the spawner a previous agent left listening on ``path``.
+
+        Returns None when none listens there (no socket, or a stale one: then it is removed);
+        raises :class:`AdoptionError` when one answers but the hand-over fails. Blocking, at
+        most ``timeout`` seconds: the spawner accepts only once it noticed the previous agent
+        is gone, and only one agent at a time. Every fd in the returned records is the
+        caller's.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            _remove_stale(path)
+            return None
+        except OSError as exc:
+            sock.close()
+            raise AdoptionError(f"cannot connect to the spawner at {path}: {exc}") from None
+        adopted: list[Adopted] = []
+        try:
+            _check_peer(sock)
+            protocol.send(sock, {"op": "adopt", "id": 1})
+            while True:
+                got = protocol.recv(sock)
+                if got is None:
+                    raise AdoptionError("the spawner closed the connection")
+                message, fds = got
+                if message.get("event") == "child":
+                    adopted.append(_adopted(message, fds))
+                elif message.get("id") == 1:
+                    for fd in fds:
+                        os.close(fd)
+                    if not message.get("ok"):
+                        error = message.get("error") or {}
+                        raise AdoptionError(f"the spawner refused: {error.get('message', '')}")
+                    pid = int(message["pid"])
+                    break
+                else:
+                    for fd in fds:
+                        os.close(fd)
+        except BaseException as exc:
+            sock.close()
+            for record in adopted:
+                for fd in record.fds.values():
+                    os.close(fd)
+            failed = (OSError, ValueError, KeyError, protocol.ProtocolError)
+            if isinstance(exc, failed) and not isinstance(exc, AdoptionError):
+                raise AdoptionError(f"adopting the spawner at {path}: {exc}") from None
+            raise
+        sock.setblocking(False)
+        spawner = cls(sock, pid, on_exit)
+        next(spawner._ids)  # 1 was the adoption's
+        return spawner, adopted
 
     # --- requests --------------------------------------------------------------------------
 
@@ -114,19 +212,22 @@ class Spawner:
         stdio: Sequence[int],
         spec: dict[str, Any] | None = None,
         cgroup: str = "",
+        keep: Mapping[str, int] | None = None,
     ) -> int:
         """Create the container's process, held before exec; returns its pid.
 
         ``spec`` is the decoded config.json (read from ``bundle`` when None); ``stdio`` is
         3 fds (stdin, stdout, stderr) or one pty slave when ``process.terminal``; the caller
         keeps and closes its own copies. ``cgroup`` is a directory the process joins first.
+        ``keep``: the caller's own ends of that stdio by name ("stdin", "stdout", "stderr",
+        or "pty"), of which the spawner keeps duplicates for the next agent.
         """
         fields: dict[str, Any] = {"container_id": container_id, "bundle": bundle}
         if spec is not None:
             fields["spec"] = spec
         if cgroup:
             fields["cgroup"] = cgroup
-        reply = await self._request("create", fields, stdio)
+        reply = await self._request("create", *_with_kept(fields, stdio, keep))
         return int(reply["pid"])
 
     async def create_console(
@@ -156,10 +257,12 @@ class Spawner:
         *,
         stdio: Sequence[int],
         exec_id: str = "",
+        keep: Mapping[str, int] | None = None,
     ) -> int:
-        """Run ``process`` (an OCI process object) in a running container; returns its pid."""
+        """Run ``process`` (an OCI process object) in a running container; returns its pid.
+        ``keep`` as for :meth:`create`."""
         fields = {"container_id": container_id, "process": process, "exec_id": exec_id}
-        reply = await self._request("exec", fields, stdio)
+        reply = await self._request("exec", *_with_kept(fields, stdio, keep))
         return int(reply["pid"])
 
     async def exec_console(
@@ -182,12 +285,63 @@ class Spawner:
     async def ping(self) -> None:
         await self._request("ping", {})
 
+    async def run_hooks(
+        self, kind: str, hooks: list[dict[str, Any]], state: dict[str, Any]
+    ) -> None:
+        """Run OCI hooks of ``kind`` (poststart, poststop) in the runtime's namespaces, in
+        order, ``state`` on their stdin: a fork of the spawner does (see ``oci.hooks``).
+        Returns when they are done; SpawnError names the first that failed."""
+        await self._request("hooks", {"kind": kind, "hooks": hooks, "state": state})
+
+    async def drop_stdin(self, container_id: str, exec_id: str = "") -> None:
+        """Close the kept stdin of a process: the caller closed its own, EOF must get there."""
+        await self._request("drop_stdin", {"container_id": container_id, "exec_id": exec_id})
+
+    async def release(self, container_id: str, exec_id: str = "") -> None:
+        """Close every kept stdio fd of a process whose output the caller read to its end."""
+        await self._request("release", {"container_id": container_id, "exec_id": exec_id})
+
+    async def forget(self, container_id: str) -> None:
+        """Drop the records of a removed container (its processes have all been reaped)."""
+        await self._request("forget", {"container_id": container_id})
+
+    async def discard(self, container_id: str) -> None:
+        """SIGKILL every process of a container, then forget it: one nobody knows about."""
+        await self._request("discard", {"container_id": container_id})
+
+    def post(self, op: str, **fields: Any) -> None:
+        """A request whose answer nobody waits for (drop_stdin, release from sync code)."""
+        loop = self._attach()
+        task = loop.create_task(self._request(op, fields))
+        self._posted.add(task)
+        task.add_done_callback(self._posted_done)
+
+    def _posted_done(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._posted.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            _close_fds(task.result())
+        # else: the spawner is gone, or the process already forgotten; nothing to keep then
+
+    def listen(self) -> None:
+        """Take events from now on, before any request (an adopted spawner sends exits)."""
+        self._attach()
+
     # --- ending ----------------------------------------------------------------------------
 
     async def shutdown(self, *, kill: bool = True) -> None:
         """Ask the spawner to exit (SIGKILLing its processes first if ``kill``); then call
         :meth:`close`. Without ``kill`` the containers keep running, re-parented to init."""
         await self._request("shutdown", {"kill": kill})
+
+    def detach(self) -> None:
+        """Let go without a word (the agent is failing): a listening spawner keeps every
+        process for the next agent; one that does not listen exits, leaving them running."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sock)
+        self._loop = None
+        self._gone = True
+        self.sock.close()
+        self._fail_pending()
 
     def close(self, *, kill: bool = True, timeout: float = 5.0) -> None:
         """Stop the spawner (SIGKILLing its processes if ``kill``) and wait for it to exit."""
@@ -332,6 +486,82 @@ class Spawner:
 
 
 _FDS = "$fds"  # where a reply carries the fds that came with it
+LISTEN_BACKLOG = 4  # one agent at a time; more only while an old one is still being noticed
+
+
+def _listen(path: str) -> socket.socket:
+    """The spawner's listening socket at ``path``, 0600 from the start (bound under a
+    0177 umask), replacing a stale socket there."""
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_peer(sock: socket.socket) -> None:
+    """Refuse a socket made by another user. (Its pid is not the spawner's: a listening
+    socket's credentials are those of whoever called listen(), the agent that launched it.)"""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.geteuid():
+        raise AdoptionError(f"the spawner socket belongs to uid {uid}, not us")
+
+
+def _adopted(message: dict[str, Any], fds: list[int]) -> Adopted:
+    names = message.get("fds") or []
+    if len(names) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise protocol.ProtocolError(f"child: {len(fds)} fds for {names!r}")
+    exit_ = None
+    if message.get("state") == "exited":
+        exit_ = ExitEvent(
+            pid=int(message.get("pid") or 0),
+            exit_code=message.get("exit_code"),
+            signal=message.get("signal"),
+            container_id=message.get("container_id", ""),
+            exec_id=message.get("exec_id", ""),
+        )
+    error = None
+    if message.get("error"):
+        raw = message["error"]
+        error = SpawnError(raw.get("step", ""), int(raw.get("errno", 0)), raw.get("message", ""))
+    return Adopted(
+        kind=message.get("kind", ""),
+        container_id=message.get("container_id", ""),
+        exec_id=message.get("exec_id", ""),
+        pid=int(message.get("pid") or 0),
+        state=message.get("state", ""),
+        exit=exit_,
+        error=error,
+        fds=dict(zip(names, fds, strict=True)),
+    )
+
+
+def _with_kept(
+    fields: dict[str, Any], stdio: Sequence[int], keep: Mapping[str, int] | None
+) -> tuple[dict[str, Any], list[int]]:
+    if not keep:
+        return fields, list(stdio)
+    fields["keep"] = list(keep)
+    return fields, [*stdio, *keep.values()]
 
 
 def _close_fds(reply: dict[str, Any]) -> None:

@@ -14,6 +14,16 @@ with ok=false) from an exit (an ``exit`` event).
 The spawner is a child subreaper: container processes whose intermediate parent exits (the
 PID-namespace fork) come back to it, and it reaps every child, reporting an ``exit`` event for
 each container or exec process once it is reaped.
+
+Outliving the agent (DESIGN decision 5). The spawner keeps a record of every process it forked,
+with its exit status once reaped, until the agent forgets the container; and a duplicate of the
+agent's end of each process's stdio (it never reads them), until the agent releases them. When
+the agent's connection ends without a ``shutdown`` request, the agent died: the spawner carries
+on reaping, and accepts one connection on its listening socket (``<run dir>/spawner.sock``),
+from a process of its own user and mount namespace (containers have their own), that must
+``adopt`` first: the reply lists every record, each with its stdio fds. Replies to requests of
+an earlier connection are dropped, and no event goes out before ``adopt``; a reaped process's
+status waits in its record, so no exit is lost in between.
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ import select
 import selectors
 import signal
 import socket
+import struct
+import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..linux import mounts, namespaces, prctl
 from ..linux.libc import libc
-from ..oci import setup
+from ..oci import hooks, setup
 from ..oci.spec import Process, Spec, SpecError, load, parse, parse_process
 from . import protocol
 
@@ -45,6 +57,8 @@ DIED = "died"  # ended during setup without a word; the reply waits for its exit
 
 SHUTDOWN_TIMEOUT = 5.0
 NEW_PID_NAMESPACE = "new"
+# A request as (connection serial, its id): a reply goes out only on the connection that asked.
+Request = tuple[int, Any]
 
 
 class RequestError(Exception):
@@ -61,7 +75,10 @@ class Child:
         "channel",
         "console",
         "container_id",
+        "error",
         "helper",
+        "hooks_waiting",
+        "kept",
         "kind",
         "name",
         "pid",
@@ -79,7 +96,7 @@ class Child:
         channel: socket.socket,
         pid: int | None,  # the process itself; None until a PID-namespace child is named
         helper: int | None,  # the intermediate parent of that PID-namespace child
-        request: Any,  # id of the request whose reply waits on this child
+        request: Request,  # the request whose reply waits on this child
     ) -> None:
         self.kind = kind
         self.name = name
@@ -94,11 +111,20 @@ class Child:
         self.status: int | None = None  # wait status, once reaped
         self.console = -1  # the pty master the child made in the container, until replied
         self.container_id = name if kind == "container" else ""
+        # The agent's ends of this process's stdio ("stdin", "stdout", "stderr" or "pty"),
+        # duplicates kept for the agent that comes after this one; never read here.
+        self.kept: dict[str, int] = {}
+        self.error: dict[str, Any] | None = None  # why setup or exec failed, when it did
+        self.hooks_waiting: dict[str, Any] | None = None  # createRuntime asked before "pid"
 
 
-def run(sock: socket.socket) -> None:
-    """Serve requests on ``sock`` until the agent closes it or asks for shutdown."""
-    Server(sock).serve()
+def run(sock: socket.socket, listener: socket.socket | None = None) -> None:
+    """Serve requests on ``sock`` until the agent asks for shutdown.
+
+    Without ``listener`` the end of ``sock`` ends the spawner too (its processes carry on,
+    re-parented); with one, a new agent may connect there and adopt them.
+    """
+    Server(sock, listener).serve()
 
 
 def describe_status(status: int) -> str:
@@ -108,8 +134,14 @@ def describe_status(status: int) -> str:
 
 
 class Server:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, listener: socket.socket | None = None) -> None:
+        self.sock: socket.socket | None = sock  # the agent's connection, while there is one
+        self.listener = listener
+        self.serial = 1  # of the current connection
+        self.adopted = True  # the current connection may get events (the first one at once)
+        self.stopping = False  # a shutdown was asked for: the end of the connection is ours
+        # Every container or exec process forked, by container id, until the agent forgets it.
+        self.records: dict[str, list[Child]] = {}
         self.selector = selectors.DefaultSelector()
         self.by_channel: dict[int, Child] = {}
         self.by_pid: dict[int, Child] = {}
@@ -138,11 +170,27 @@ class Server:
                     traceback.print_exc()
                 if not self.running:
                     break
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        """Asked to stop: no agent may find this spawner any more."""
+        if self.listener is None:
+            return
+        path = self.listener.getsockname()
+        if isinstance(path, str) and path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.listener.close()
+        self.listener = None
 
     def _prepare(self) -> None:
         # The agent handles Ctrl-C and shutdown; the spawner only ends with its socket.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Nor may the agent's end take us along (its session, should it ever have a terminal).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         prctl.set_child_subreaper()
         libc()  # loaded now, so that no child ever loads it after fork
         self.no_pivot = mounts.root_is_initramfs()
@@ -150,8 +198,11 @@ class Server:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda _signo, _frame: None)
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        assert self.sock is not None
         self.sock.setblocking(True)
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_request)
+        if self.listener is not None:
+            self.listener.setblocking(False)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, self._on_sigchld)
         # Objects that exist now are never freed: forked children then do not dirty (copy)
         # the pages the collector would touch.
@@ -162,27 +213,40 @@ class Server:
     # --- requests --------------------------------------------------------------------------
 
     def _on_request(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
         try:
-            got = protocol.recv(self.sock)
+            got = protocol.recv(sock)
         except protocol.ProtocolError as exc:
             self._send({"event": "error", "message": str(exc)})
             return
+        except OSError:
+            got = None  # ECONNRESET: gone as well
         if got is None:
-            self.running = False  # the agent is gone; running containers carry on
+            self._lose_agent()
             return
         message, fds = got
-        request = message.get("id")
+        request: Request = (self.serial, message.get("id"))
         handler = {
             "create": self._create,
             "start": self._start,
             "exec": self._exec,
             "signal": self._signal,
             "shutdown": self._shutdown,
+            "adopt": self._adopt,
+            "drop_stdin": self._drop_stdin,
+            "release": self._release,
+            "forget": self._forget,
+            "discard": self._discard,
+            "hooks": self._hooks,
             "ping": lambda _m, _f: {},
         }.get(message.get("op", ""))
         try:
             if handler is None:
                 raise RequestError("request", errno.EINVAL, f"unknown op {message.get('op')!r}")
+            if not self.adopted and message.get("op") not in ("adopt", "ping"):
+                raise RequestError("request", errno.EPERM, "adopt first")
             result = handler(message, fds)
             if result is not None:
                 self._reply(request, True, **result)
@@ -197,7 +261,55 @@ class Server:
             self._reply(request, False, error=_error("request", errno.EINVAL, message))
         finally:
             for fd in fds:
-                os.close(fd)  # the child has its copies
+                os.close(fd)  # the child has its copies; kept ones were taken off the list
+
+    # --- the agent's connection ------------------------------------------------------------
+
+    def _lose_agent(self) -> None:
+        """The agent's connection ended: without a shutdown, wait for the next agent."""
+        if self.sock is None:
+            return
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        if self.stopping or self.listener is None:
+            self.running = False  # running containers carry on, re-parented
+            return
+        self.adopted = False
+        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        alive = len(self.by_pid) + len(self.helpers)
+        _say(f"the agent is gone; {alive} processes keep running until a new agent adopts them")
+
+    def _on_accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _addr = self.listener.accept()  # close-on-exec, as Python makes all its fds
+        except OSError:
+            return  # the caller gave up already
+        if self.sock is not None or not _trusted(conn):
+            conn.close()
+            return
+        conn.setblocking(True)
+        # Further connections wait in the backlog until this one is gone.
+        self.selector.unregister(self.listener)
+        self.serial += 1
+        self.sock = conn
+        self.selector.register(conn, selectors.EVENT_READ, self._on_request)
+
+    def _adopt(self, _message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
+        """Every record, one ``child`` event each with its kept fds, then the reply."""
+        if self.adopted:
+            raise RequestError("adopt", errno.EINVAL, "this connection has adopted already")
+        count = 0
+        for children in self.records.values():
+            for child in children:
+                if self.sock is None:
+                    return {}
+                self._send({"event": "child", **_describe(child)}, list(child.kept.values()))
+                count += 1
+        self.adopted = True
+        _say(f"a new agent adopted {count} processes")
+        return {"pid": os.getpid(), "children": count}
 
     def _create(self, message: dict[str, Any], fds: list[int]) -> None:
         container_id = _string(message, "container_id")
@@ -209,7 +321,8 @@ class Server:
         else:
             spec = load(os.path.join(bundle, "config.json"))
         console = bool(message.get("console"))
-        _check_stdio(spec.process, fds, console)
+        stdio, kept = _split_kept(message, fds)
+        _check_stdio(spec.process, stdio, console)
         if spec.linux.seccomp is not None:
             _import_seccomp()
         rootfs = spec.root.path
@@ -217,7 +330,7 @@ class Server:
             rootfs = os.path.join(bundle, rootfs)
         ctx = setup.Context(
             process=spec.process,
-            stdio=fds,
+            stdio=stdio,
             spec=spec,
             bundle=bundle,
             rootfs=os.path.realpath(rootfs),
@@ -226,6 +339,7 @@ class Server:
             no_pivot=self.no_pivot,
             hold=True,
             console=console,
+            container_id=container_id,
         )
         pid_ns = spec.linux.namespace("pid")
         pid_ns_path = ""
@@ -238,12 +352,15 @@ class Server:
             else:
                 pid_ns_path = pid_ns.path or NEW_PID_NAMESPACE
                 ctx.pid_ns_ready = True
+        token = self._token(message)
         child = self._fork(
-            ctx, setup.CREATE_STEPS, "container", container_id, message["id"], pid_ns_path
+            ctx, setup.CREATE_STEPS, "container", container_id, token, pid_ns_path, kept.values()
         )
         child.spec = spec
         child.cgroup = ctx.cgroup
         self.containers[container_id] = child
+        self.records.setdefault(container_id, []).append(child)
+        child.kept = _take_kept(kept, fds)
         return None  # replied once the child is ready (or failed)
 
     def _start(self, message: dict[str, Any], _fds: list[int]) -> None:
@@ -258,7 +375,7 @@ class Server:
         except OSError as exc:
             raise RequestError("start", exc.errno or 0, "container process is gone") from None
         child.state = STARTING
-        child.request = message["id"]
+        child.request = self._token(message)
         return None  # replied when exec succeeded or failed
 
     def _exec(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -268,12 +385,13 @@ class Server:
             raise RequestError("exec", errno.ESRCH, f"container {container_id!r} is not running")
         process = parse_process(message.get("process"), "process")
         console = bool(message.get("console"))
-        _check_stdio(process, fds, console)
+        stdio, kept = _split_kept(message, fds)
+        _check_stdio(process, stdio, console)
         target = container.pid
         assert container.spec is not None
         ctx = setup.Context(
             process=process,
-            stdio=fds,
+            stdio=stdio,
             cgroup=container.cgroup,
             seccomp=container.spec.linux.seccomp,
             join_pid=target,
@@ -281,9 +399,14 @@ class Server:
         )
         pid_ns_path = "" if _same_namespace(target, "pid") else f"/proc/{target}/ns/pid"
         exec_id = message.get("exec_id") or ""
-        child = self._fork(ctx, setup.EXEC_STEPS, "exec", exec_id, message["id"], pid_ns_path)
+        token = self._token(message)
+        child = self._fork(
+            ctx, setup.EXEC_STEPS, "exec", exec_id, token, pid_ns_path, kept.values()
+        )
         child.state = STARTING
         child.container_id = container_id
+        self.records.setdefault(container_id, []).append(child)
+        child.kept = _take_kept(kept, fds)
         return None  # replied when exec succeeded or failed
 
     def _signal(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
@@ -301,7 +424,50 @@ class Server:
         if message.get("kill"):
             self._kill_all()
         self.running = False
+        self.stopping = True
         return {}
+
+    # --- records and kept stdio ------------------------------------------------------------
+
+    def _token(self, message: dict[str, Any]) -> Request:
+        return (self.serial, message.get("id"))
+
+    def _record(self, message: dict[str, Any]) -> Child:
+        container_id = _string(message, "container_id")
+        exec_id = message.get("exec_id") or ""
+        for child in reversed(self.records.get(container_id, ())):
+            if exec_id and child.kind == "exec" and child.name == exec_id:
+                return child
+            if not exec_id and child.kind == "container":
+                return child
+        raise RequestError("request", errno.ESRCH, f"no process {container_id}/{exec_id}")
+
+    def _drop_stdin(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
+        """The agent closed the process's stdin: so must we, or it never sees the end."""
+        _close_kept(self._record(message), ("stdin",))
+        return {}
+
+    def _release(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
+        """The agent read the process's output to its end: nothing is left to keep."""
+        _close_kept(self._record(message))
+        return {}
+
+    def _forget(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
+        """The container was removed: drop its records (and whatever they still keep)."""
+        for child in self.records.pop(_string(message, "container_id"), ()):
+            _close_kept(child)
+        return {}
+
+    def _discard(self, message: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
+        """SIGKILL every process of a container the agent does not know, then forget it."""
+        container_id = _string(message, "container_id")
+        for pid, child in (*self.by_pid.items(), *self.helpers.items()):
+            if child.container_id == container_id:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return self._forget(message, _fds)
 
     def _kill_all(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
@@ -317,6 +483,74 @@ class Server:
             select.select([self.wakeup_r], [], [], min(remaining, 0.1))
             self._on_sigchld()
 
+    # --- OCI hooks in the runtime's namespaces (see oci.hooks) -------------------------------
+
+    def _hooks(self, message: dict[str, Any], _fds: list[int]) -> None:
+        """The agent's poststart or poststop hooks; replied once a forked runner has run them
+        (never in this loop: a hook may take its time)."""
+        kind = message.get("kind")
+        state = message.get("state")
+        if kind not in hooks.KINDS or not isinstance(state, dict):
+            raise RequestError("request", errno.EINVAL, "hooks: needs a known kind and a state")
+        try:
+            todo = hooks.decode(message.get("hooks"))
+        except ValueError as exc:
+            raise RequestError("request", errno.EINVAL, f"hooks: {exc}") from None
+        request = self._token(message)
+        step = f"{hooks.KINDS[kind]}_hooks"
+
+        def done(ok: bool, errno_: int, text: str) -> None:
+            if ok:
+                self._reply(request, True)
+            else:
+                self._reply(request, False, error=_error(step, errno_, text))
+
+        self._run_hooks([(kind, todo)], state, done)
+        return None
+
+    def _child_hooks(self, child: Child, message: dict[str, Any]) -> None:
+        """A container's process, its mounts made, waits for its prestart and createRuntime
+        hooks; the state it sent lacks only its pid as the runtime sees it."""
+        if child.pid is None:
+            child.hooks_waiting = message  # the "pid" of its PID-namespace fork is on its way
+            return
+        assert child.spec is not None
+        state = {**message.get("state", {}), "pid": child.pid}
+        batches = [
+            ("prestart", child.spec.hooks.prestart),
+            ("createRuntime", child.spec.hooks.create_runtime),
+        ]
+
+        def done(ok: bool, errno_: int, text: str) -> None:
+            if child.channel is None:
+                return  # it ended meanwhile: its end tells the agent
+            try:
+                protocol.send(child.channel, {"hooks_done": ok, "errno": errno_, "message": text})
+            except OSError:
+                pass
+
+        self._run_hooks(batches, state, done)
+
+    def _run_hooks(
+        self,
+        batches: list[hooks.Batch],
+        state: dict[str, Any],
+        done: Callable[[bool, int, str], None],
+    ) -> None:
+        bundle = state.get("bundle")
+        cwd = bundle if isinstance(bundle, str) and os.path.isdir(bundle) else "/"
+        try:
+            fd = hooks.start_runner(batches, state, cwd)
+        except OSError as exc:
+            done(False, exc.errno or 0, f"cannot fork a hook runner: {exc}")
+            return
+
+        def on_verdict() -> None:
+            self.selector.unregister(fd)
+            done(*hooks.read_verdict(fd))
+
+        self.selector.register(fd, selectors.EVENT_READ, on_verdict)
+
     # --- children --------------------------------------------------------------------------
 
     def _fork(
@@ -325,15 +559,17 @@ class Server:
         steps: tuple[setup.Step, ...],
         kind: str,
         name: str,
-        request: Any,
+        request: Request,
         pid_ns_path: str = "",
+        closing: Iterable[int] = (),
     ) -> Child:
         """Fork a child to run ``steps``; with ``pid_ns_path``, straight into that PID
         namespace (or a new one for ``NEW_PID_NAMESPACE``).
 
         A PID namespace only applies to the children of whoever enters it. Entering it here,
         for the one fork, saves the child a second fork (a few ms: most of a container's
-        start). The spawner is single-threaded, so nothing else forks meanwhile.
+        start). The spawner is single-threaded, so nothing else forks meanwhile. ``closing``:
+        more fds of ours the child must not hold (the agent's stdio ends that we keep).
         """
         ours, theirs = protocol.socketpair()
         try:
@@ -350,7 +586,7 @@ class Server:
             raise
         if pid == 0:
             # Not _leave_pid_namespace here: the container's children belong in its namespace.
-            self._child(ctx, steps, ours, theirs)  # never returns
+            self._child(ctx, steps, ours, theirs, closing)  # never returns
         self._leave_pid_namespace(pid_ns_path)
         theirs.close()
         child = Child(
@@ -400,6 +636,7 @@ class Server:
         steps: tuple[setup.Step, ...],
         ours: socket.socket,
         theirs: socket.socket,
+        closing: Iterable[int],
     ) -> None:
         code = 127
         try:
@@ -413,7 +650,18 @@ class Server:
             for other in self.by_channel.values():
                 if other.channel is not None:
                     other.channel.close()
-            self.sock.close()
+            # Nor another process's stdio: a stdin write end held here would keep that
+            # process from ever seeing the end of its input.
+            for children in self.records.values():
+                for other in children:
+                    for fd in other.kept.values():
+                        os.close(fd)
+            for fd in closing:
+                os.close(fd)
+            if self.sock is not None:
+                self.sock.close()
+            if self.listener is not None:
+                self.listener.close()
             ours.close()
             ctx.channel = protocol.Channel(theirs)
             try:
@@ -441,6 +689,7 @@ class Server:
         message, fds = got
         if "console" in message and fds and child.console < 0:
             child.console = fds.pop(0)  # kept for the reply to the agent
+            child.kept["pty"] = os.dup(child.console)  # and for the next agent
         for fd in fds:
             os.close(fd)
         if "pid" in message:
@@ -448,6 +697,11 @@ class Server:
             child.pid = pid
             self.by_pid[pid] = child
             self._settle_ready(child)
+            if child.hooks_waiting is not None:
+                waiting, child.hooks_waiting = child.hooks_waiting, None
+                self._child_hooks(child, waiting)
+        elif "hooks" in message:
+            self._child_hooks(child, message)
         elif "userns" in message:
             self._write_id_maps(child)
         elif "ready" in message:
@@ -455,6 +709,8 @@ class Server:
             self._settle_ready(child)
         elif "error" in message:
             child.state = FAILED
+            child.error = message["error"]
+            _close_kept(child)  # it never ran: there is no output to keep
             self._drop_console(child)
             self._reply(child.request, False, error=message["error"])
             self._close_channel(child)
@@ -568,6 +824,9 @@ class Server:
         # All its holders are gone, so what it wrote, and the end of stream, are queued.
         self._drain(child)
         self._drop_console(child)  # unless a reply took it
+        # Nobody reads its stdin any more. Its output stays kept: if the agent is away, the
+        # pipe still holds what the process wrote last, for the next one.
+        _close_kept(child, ("stdin",))
         if child.state == RUNNING:
             self._send_exit(child, status)
         elif child.state == DIED:
@@ -588,6 +847,8 @@ class Server:
     def _reply_died(self, child: Child) -> None:
         status = child.status if child.status is not None else 0
         message = f"process {describe_status(status)} during setup"
+        child.error = _error("setup", 0, message)
+        _close_kept(child)
         self._drop_console(child)
         self._reply(child.request, False, error=_error("setup", 0, message))
         child.state = FAILED
@@ -601,22 +862,112 @@ class Server:
         event["container_id"] = child.container_id
         if child.kind == "exec":
             event["exec_id"] = child.name
-        self._send(event)
+        if self.adopted:  # else the record tells the next agent
+            self._send(event)
 
     # --- output ----------------------------------------------------------------------------
 
-    def _reply(self, request: Any, ok: bool, fds: Sequence[int] = (), **fields: Any) -> None:
+    def _reply(self, request: Request, ok: bool, fds: Sequence[int] = (), **fields: Any) -> None:
+        serial, request_id = request
         try:
-            self._send({"id": request, "ok": ok, **fields}, fds)
+            # A request of an agent that is gone: its successor never asked (and may well
+            # use the same id for something else).
+            if serial == self.serial:
+                self._send({"id": request_id, "ok": ok, **fields}, fds)
         finally:
             for fd in fds:
                 os.close(fd)  # the agent has its own copy now (or is gone)
 
     def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        if self.sock is None:
+            return
         try:
             protocol.send(self.sock, message, fds)
         except OSError:
-            self.running = False  # the agent is gone
+            self._lose_agent()
+
+
+def _say(message: str) -> None:
+    # Our stderr is the agent's: the guest console.
+    sys.stderr.write(f"spawner: {message}\n")
+    sys.stderr.flush()
+
+
+def _trusted(conn: socket.socket) -> bool:
+    """A peer of our own user and mount namespace: an agent, never a container process.
+
+    The socket's directory is root's and out of any container's reach (each container has
+    a mount namespace of its own, and /run of the guest is not in it); this says so again.
+    """
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        theirs = os.stat(f"/proc/{pid}/ns/mnt")
+        ours = os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return False
+    return uid == os.geteuid() and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _describe(child: Child) -> dict[str, Any]:
+    """A record as the adopting agent gets it."""
+    info: dict[str, Any] = {
+        "kind": child.kind,
+        "container_id": child.container_id,
+        "exec_id": child.name if child.kind == "exec" else "",
+        "pid": child.pid or 0,
+        "fds": list(child.kept),
+    }
+    if child.state in (FAILED, DIED):
+        info["state"] = "failed"
+        if child.error is not None:
+            info["error"] = child.error
+    elif child.state == RUNNING and child.status is not None:
+        info["state"] = "exited"
+        if os.WIFSIGNALED(child.status):
+            info["signal"] = os.WTERMSIG(child.status)
+        else:
+            info["exit_code"] = os.waitstatus_to_exitcode(child.status)
+    elif child.state in (CREATED, RUNNING):
+        info["state"] = child.state
+    else:
+        info["state"] = "starting"  # a create, start or exec of the agent that died
+    return info
+
+
+KEPT_NAMES = ("stdin", "stdout", "stderr", "pty")
+
+
+def _split_kept(message: dict[str, Any], fds: list[int]) -> tuple[list[int], dict[str, int]]:
+    """The request's fds: (the process's stdio, the agent's ends to keep, by name).
+
+    ``keep`` names the last fds of the request. They stay on ``fds`` (closed with the rest
+    when the request fails) until :func:`_take_kept`.
+    """
+    names = message.get("keep") or []
+    if (
+        not isinstance(names, list)
+        or len(names) > len(fds)
+        or any(name not in KEPT_NAMES for name in names)
+        or len(set(names)) != len(names)
+    ):
+        raise RequestError("request", errno.EINVAL, f"keep: bad names {names!r}")
+    split = len(fds) - len(names)
+    return fds[:split], dict(zip(names, fds[split:], strict=True))
+
+
+def _take_kept(kept: dict[str, int], fds: list[int]) -> dict[str, int]:
+    """Ownership of the kept fds passes to a record: off the request's list."""
+    for fd in kept.values():
+        fds.remove(fd)
+    return kept
+
+
+def _close_kept(child: Child, names: Iterable[str] | None = None) -> None:
+    for name in list(child.kept) if names is None else names:
+        fd = child.kept.pop(name, -1)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _error(step: str, errno_: int, message: str) -> dict[str, Any]:
