@@ -153,10 +153,20 @@ class _LocalConn(asyncio.Protocol):
 
 
 class MuxSession:
-    def __init__(self, port: Port, socket_path: str, log: Logger) -> None:
+    def __init__(
+        self, port: Port, socket_path: str, log: Logger, raw_socket_path: str | None = None
+    ) -> None:
         self.port = port
         self.socket_path = socket_path
         self.log = log
+        # Benchmark only (bulkhead.bench=1, see bench_raw): connections are then made at
+        # their first DATA, which may ask for the raw byte source instead of gRPC.
+        self.raw_socket_path = raw_socket_path
+        self._raw_magic = b""
+        if raw_socket_path is not None:
+            from .bench_raw import RAW_MAGIC
+
+            self._raw_magic = RAW_MAGIC
         self._parser = mux.Parser()
         self._conns: dict[int, _LocalConn] = {}
         self.session_id = 0  # ours, new each time the port is opened
@@ -267,6 +277,9 @@ class MuxSession:
         if kind is mux.FrameType.DATA:
             c = self._conns.get(frame.conn)
             if c is not None:
+                if c.connect_task is None:  # bench mode's first DATA: pick the target
+                    raw = self._raw_magic and frame.payload.startswith(self._raw_magic)
+                    self._start_connect(c, self.raw_socket_path if raw else self.socket_path)
                 c.deliver(frame.payload)
             else:
                 # Unknown (closed, or from before an agent restart): tell the host.
@@ -314,14 +327,19 @@ class MuxSession:
             return
         c = _LocalConn(self, conn)
         self._conns[conn] = c
-        c.connect_task = asyncio.get_running_loop().create_task(self._connect(c))
+        if self.raw_socket_path is None:
+            self._start_connect(c, self.socket_path)
 
-    async def _connect(self, c: _LocalConn) -> None:
+    def _start_connect(self, c: _LocalConn, path: str | None) -> None:
+        assert path is not None
+        c.connect_task = asyncio.get_running_loop().create_task(self._connect(c, path))
+
+    async def _connect(self, c: _LocalConn, path: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_unix_connection(lambda: c, self.socket_path)
+            await loop.create_unix_connection(lambda: c, path)
         except OSError as exc:
-            self.log.error(f"serial: cannot reach the gRPC socket for connection {c.conn}: {exc}")
+            self.log.error(f"serial: cannot reach {path} for connection {c.conn}: {exc}")
             c.local_closed = True
             self.local_closed(c)
             return

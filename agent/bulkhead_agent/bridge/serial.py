@@ -56,10 +56,12 @@ def find_port(name: str, sys_dir: str = SYS_PORTS) -> str | None:
 
 
 class SerialBridge:
-    def __init__(self, path: str, socket_path: str, log: Logger) -> None:
+    def __init__(
+        self, path: str, socket_path: str, log: Logger, raw_socket_path: str | None = None
+    ) -> None:
         self.path = path
         self._log = log
-        self.session = MuxSession(self, socket_path, log)
+        self.session = MuxSession(self, socket_path, log, raw_socket_path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._sock: socket.socket | None = None  # set when the path is a unix socket
