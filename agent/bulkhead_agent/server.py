@@ -16,11 +16,26 @@ from grpc_reflection.v1alpha import reflection
 
 from bulkhead_agent.containers.manager import Manager
 from bulkhead_agent.services.agent import AgentService
+from bulkhead_agent.services.network import NetworkService, create_files
+from bulkhead_agent.services.storage import StorageService
+from bulkhead_agent.services.telemetry import Telemetry, TelemetryService
 from bulkhead_agent.state import AgentState
+from bulkhead_agent.storage.events import StorageEvents
+from bulkhead_agent.storage.manager import StorageManager
 from bulkhead_init.log import Logger
-from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
+from bulkhead_proto.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+TELEMETRY_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name
+STORAGE_SERVICE = storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name
+NETWORK_SERVICE = network_pb2.DESCRIPTOR.services_by_name["Network"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -52,17 +67,44 @@ def prepare_run_dir(run_dir: str, socket_path: str) -> None:
 
 
 class AgentServer:
-    def __init__(self, state: AgentState, log: Logger, containers: Manager) -> None:
+    def __init__(
+        self,
+        state: AgentState,
+        log: Logger,
+        containers: Manager,
+        storages: StorageManager | None = None,
+    ) -> None:
         self.socket_path = state.settings.socket_path
         self._log = log
-        self._server = grpc.aio.server(options=_OPTIONS)
+        # Metrics and events (services.telemetry); its interceptor counts every RPC.
+        self.telemetry = Telemetry(state, log, containers)
+        self._server = grpc.aio.server(options=_OPTIONS, interceptors=[self.telemetry.interceptor])
         self._health = health.aio.HealthServicer()
         agent_pb2_grpc.add_AgentServicer_to_server(
-            AgentService(state, log, containers), self._server
+            AgentService(state, log, containers, storages), self._server
+        )
+        if storages is not None:
+            storage_pb2_grpc.add_StorageServicer_to_server(StorageService(storages), self._server)
+            storages.observer = StorageEvents(self.telemetry.events)
+        agent_pb2_grpc.add_TelemetryServicer_to_server(
+            TelemetryService(self.telemetry), self._server
+        )
+        # The sandbox's network (services.network): pyroute2 comes with its first request.
+        self.network_files = create_files(state.settings.run_dir, log)
+        network_pb2_grpc.add_NetworkServicer_to_server(
+            NetworkService(self.network_files, log), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (
+                AGENT_SERVICE,
+                TELEMETRY_SERVICE,
+                STORAGE_SERVICE,
+                NETWORK_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
         )
 
     async def start(self) -> None:

@@ -30,6 +30,7 @@ class Settings:
     init_pid: int = 1  # who receives the power-off / reboot signal
     default_rootfs: str = DEFAULT_ROOTFS
     cgroup_dir: str = DEFAULT_CGROUP_DIR
+    bench: bool = False  # benchmark aids on (bulkhead.bench=1): see bridge/bench_raw.py
 
     @property
     def socket_path(self) -> str:
@@ -79,5 +80,6 @@ def from_config(config: Config, env: Mapping[str, str] | None = None) -> tuple[S
         init_pid=pid if pid > 0 else 1,
         default_rootfs=env.get("BULKHEAD_DEFAULT_ROOTFS") or DEFAULT_ROOTFS,
         cgroup_dir=env.get("BULKHEAD_CGROUP_DIR") or DEFAULT_CGROUP_DIR,
+        bench=config.bench or env.get("BULKHEAD_BENCH") == "1",
     )
     return settings, warnings

@@ -24,6 +24,7 @@ _FIELDS = (
     "debug_console",
     "hostname",
     "agent_restart_max_ms",
+    "bench",
 )
 
 
@@ -39,6 +40,7 @@ class Config:
     debug_console: bool
     hostname: str
     agent_restart_max_ms: int
+    bench: bool  # benchmark aids in the agent (bench/containers.py); never in production
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class Config:
         debug_console: bool = False,
         hostname: str = "bulkhead",
         agent_restart_max_ms: int = 5000,
+        bench: bool = False,
     ) -> None:
         values = (
             log,
@@ -58,6 +61,7 @@ class Config:
             debug_console,
             hostname,
             agent_restart_max_ms,
+            bench,
         )
         for name, value in zip(_FIELDS, values, strict=True):
             object.__setattr__(self, name, value)
@@ -155,6 +159,7 @@ _PARSERS = {
     "debug_console": _bool,
     "hostname": _hostname,
     "agent_restart_max_ms": _restart_ms,
+    "bench": _bool,
 }
 assert set(_PARSERS) == set(_FIELDS)
 

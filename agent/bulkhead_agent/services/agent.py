@@ -21,6 +21,7 @@ from bulkhead_agent.containers.manager import Manager
 from bulkhead_agent.services import guest_facts
 from bulkhead_agent.services.containers import ContainerRpcs
 from bulkhead_agent.state import AgentState
+from bulkhead_agent.storage.manager import StorageManager
 from bulkhead_init.log import Logger
 from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -33,10 +34,17 @@ SHUTDOWN_DELAY_S = 0.2
 
 
 class AgentService(ContainerRpcs, agent_pb2_grpc.AgentServicer):
-    def __init__(self, state: AgentState, log: Logger, containers: Manager) -> None:
+    def __init__(
+        self,
+        state: AgentState,
+        log: Logger,
+        containers: Manager,
+        storages: StorageManager | None = None,
+    ) -> None:
         self._state = state
         self._log = log
         self._containers = containers
+        self._storages = storages  # CreateContainer's storages and storage references
 
     async def GetGuestDetails(
         self, request: agent_pb2.GetGuestDetailsRequest, context: grpc.aio.ServicerContext
