@@ -75,6 +75,58 @@ class Qmp:
         except (QMPError, OSError, TimeoutError) as exc:
             raise QemuError(f"QMP {command} on {self.path}: {_describe(exc)}") from exc
 
+    def execute_until_event(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None,
+        event: str,
+        match: Mapping[str, object],
+        *,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """Run ``command``, then wait up to ``timeout`` seconds for ``event`` whose data has
+        every item of ``match`` (listening from before the command, so it cannot be missed).
+
+        ``device_del`` is the case in point: it returns at once, and the device is gone only
+        when the guest has let go of it and QEMU says ``DEVICE_DELETED``.
+        """
+        if self._client is None:
+            raise QemuError(f"QMP on {self.path} is not connected")
+        client = self._client
+
+        async def run() -> dict[str, Any]:
+            with client.listener(event) as listener:
+                await asyncio.wait_for(client.execute(command, arguments), self.timeout)
+                while True:
+                    message = await listener.get()
+                    data = message.get("data", {})
+                    if all(data.get(k) == v for k, v in match.items()):
+                        return dict(message)
+
+        try:
+            return self._run(run(), timeout)
+        except TimeoutError:
+            raise QemuError(
+                f"QMP {command} on {self.path}: no {event} {dict(match)} within {timeout:g}s"
+            ) from None
+        except (QMPError, OSError) as exc:
+            raise QemuError(f"QMP {command} on {self.path}: {_describe(exc)}") from exc
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of ``fd`` under ``name`` (``getfd``), for ``netdev_add``'s ``fd``."""
+        if self._client is None:
+            raise QemuError(f"QMP on {self.path} is not connected")
+        client = self._client
+
+        async def run() -> None:
+            client.send_fd_scm(fd)  # rides along with the next command, which is getfd
+            await client.execute("getfd", {"fdname": name})
+
+        try:
+            self._run(run(), self.timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise QemuError(f"QMP getfd on {self.path}: {_describe(exc)}") from exc
+
     def status(self) -> str:
         """The VM's run state (``running``, ``paused``, ``shutdown``, ...)."""
         return str(self.execute("query-status")["status"])
