@@ -69,7 +69,8 @@ def test_default_mounts_env_and_capabilities() -> None:
     assert "inheritable" not in caps and "ambient" not in caps
     assert "/proc/kcore" in spec["linux"]["maskedPaths"]
     assert "/proc/sys" in spec["linux"]["readonlyPaths"]
-    assert "resources" not in spec["linux"]
+    # only the device rule docker sets: everything but the standard devices is refused
+    assert spec["linux"]["resources"] == {"devices": [{"allow": False, "access": "rwm"}]}
     assert "hostname" not in spec
 
 

@@ -59,6 +59,9 @@ _LAZY = {
     "Sandbox": "sandbox",
     "SandboxDetails": "sandbox",
     "SandboxInfo": "state",
+    "StorageClient": "storage",
+    "StorageInfo": "storage",
+    "VolumeStats": "storage",
     "HybridVsockTransport": "transport",
     "SerialMuxTransport": "transport",
     "Transport": "transport",
@@ -83,6 +86,7 @@ if TYPE_CHECKING:
     from .sandbox import Sandbox, SandboxDetails
     from .spec import make_spec
     from .state import SandboxInfo
+    from .storage import StorageClient, StorageInfo, VolumeStats
     from .transport import HybridVsockTransport, SerialMuxTransport, Transport, VsockTransport
 
 
@@ -133,10 +137,13 @@ __all__ = [
     "SpecError",
     "StartFailure",
     "StdioError",
+    "StorageClient",
+    "StorageInfo",
     "Transport",
     "TransportError",
     "Unavailable",
     "UnixRelay",
+    "VolumeStats",
     "VsockTransport",
     "make_spec",
 ]

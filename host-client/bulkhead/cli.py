@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cli_containers
+from . import cli_containers, cli_metrics, cli_network, cli_storage
 from .errors import BulkheadError, ImageNotFound
 from .qemu import ACCELS
-from .sandbox import Sandbox, SandboxDetails
+from .sandbox import DEFAULT_HOTPLUG_PORTS, Sandbox, SandboxDetails
 
 MiB = 1024 * 1024
+# As bulkhead_image.variants.VARIANTS (not imported here: the builder loads only to build).
+IMAGE_VARIANTS = ("default", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +65,10 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is going on")
     groups = parser.add_subparsers(
         title="commands",
-        metavar="{image,sandbox,run,exec,ps,kill,rm,pause,resume,stats}",
+        metavar=(
+            "{image,sandbox,run,exec,ps,kill,rm,pause,resume,stats,metrics,events,"
+            "storage,disk,cp,network}"
+        ),
     )
 
     image = groups.add_parser("image", help="the guest image").add_subparsers(metavar="COMMAND")
@@ -72,7 +77,14 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", type=Path, help="default: $BULKHEAD_CACHE_DIR or ~/.cache/bulkhead"
     )
+    p.add_argument(
+        "--variant",
+        choices=IMAGE_VARIANTS,
+        default="default",
+        help="default: default; bench adds crun for bench/containers.py (cached separately)",
+    )
     p.set_defaults(func=cmd_image_build)
+    cli_storage.add_image_parsers(image)
     p = image.add_parser("ls", help="list the images in the cache")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--json", action="store_true")
@@ -87,6 +99,20 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     p.add_argument("--accel", choices=ACCELS, default="auto", help="default: auto (probe KVM)")
     p.add_argument("--boot-timeout", type=float, default=120.0, metavar="S", help="default: 120")
     p.add_argument("--debug-console", action="store_true", help="a shell on the guest console")
+    cli_network.add_up_options(p)
+    p.add_argument(
+        "--hotplug-ports",
+        type=int,
+        default=DEFAULT_HOTPLUG_PORTS,
+        metavar="N",
+        help=f"empty PCIe ports for disks and shares (default: {DEFAULT_HOTPLUG_PORTS}, max 15)",
+    )
+    p.add_argument(
+        "--shared-memory", action="store_true", help="guest RAM shareable: needed by -v shares"
+    )
+    p.add_argument(
+        "--pmem-slots", type=int, default=0, metavar="N", help="memory slots for virtio-pmem"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_up)
     p = sandbox.add_parser("ls", help="list sandboxes (and clean up dead ones)")
@@ -105,6 +131,9 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sandbox_console)
 
     cli_containers.add_parsers(groups, command_nargs)
+    cli_storage.add_parsers(groups)
+    cli_metrics.add_parsers(groups)
+    cli_network.add_parsers(groups)
     return parser
 
 
@@ -121,7 +150,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     def progress(*parts: object) -> None:
         print("image:", *parts, file=sys.stderr, flush=True)
 
-    info = build_image(args.cache_dir, force=args.force, progress=progress)
+    info = build_image(args.cache_dir, force=args.force, progress=progress, variant=args.variant)
     size = Path(info.initramfs).stat().st_size
     print(f"image      {info.path}")
     print(f"kernel     {info.manifest.get('kernel_release', '?')}  ({info.kernel})")
@@ -133,17 +162,20 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
     from bulkhead_image import cache
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
-    latest = cache.latest_image(cache_dir)
+    latest = {v: cache.latest_image(cache_dir, v) for v in IMAGE_VARIANTS}
     images = []
     for directory in sorted((cache_dir / "images").glob("*/")):
         try:
             info = cache.load_image(directory)
         except (OSError, ValueError):  # half-built or foreign directories are not images
             continue
+        variant = info.manifest.get("variant", "default")
+        newest = latest.get(variant)
         images.append(
             {
                 "path": str(info.path),
-                "latest": latest is not None and Path(latest.path) == Path(info.path),
+                "variant": variant,
+                "latest": newest is not None and Path(newest.path) == Path(info.path),
                 "kernel_release": info.manifest.get("kernel_release"),
                 "initramfs_bytes": Path(info.initramfs).stat().st_size,
                 "built": Path(info.initramfs).stat().st_mtime,
@@ -157,7 +189,11 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
     for img in images:
         mark = "*" if img["latest"] else " "
         size = img["initramfs_bytes"] / MiB
-        print(f"{mark} {img['path']}  kernel {img['kernel_release']}  initramfs {size:.1f} MiB")
+        variant = "" if img["variant"] == "default" else f"  ({img['variant']})"
+        print(
+            f"{mark} {img['path']}  kernel {img['kernel_release']}  initramfs {size:.1f} MiB"
+            + variant
+        )
     return 0
 
 
@@ -174,6 +210,10 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
         boot_timeout=args.boot_timeout,
         state_dir=args.state_dir,
         debug_console=args.debug_console,
+        hotplug_ports=args.hotplug_ports,
+        shared_memory=args.shared_memory,
+        pmem_slots=args.pmem_slots,
+        **cli_network.up_kwargs(args),
     )
     info = sb.status()
     sb.close()

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from . import terminal
+from . import cli_storage, terminal
 from .containers import Container, check_id
 from .details import ContainerInfo, ContainerStats
-from .errors import BulkheadError, FailedPrecondition, NotFound
+from .errors import AgentError, BulkheadError, FailedPrecondition, NotFound, SandboxError
 from .process import Process
-from .sandbox import Sandbox
+from .sandbox import DEFAULT_HOTPLUG_PORTS, Sandbox
 from .spec import SpecError, parse_size
 
 RUN_ERROR = 125  # docker's status for "the runtime itself failed"
@@ -78,13 +78,27 @@ def add_parsers(groups: Any, command_nargs: Any) -> None:
     p.add_argument("--name", metavar="ID", help="container id (default: random)")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
     p.add_argument("-d", "--detach", action="store_true", help="start it and print its id")
-    p.add_argument("--rootfs", metavar="DIR", help="root filesystem: a directory in the guest")
+    p.add_argument(
+        "--rootfs",
+        metavar="DIR|IMAGE",
+        help="root filesystem: a host image file (a disk) or directory (a share), else a "
+        "directory in the guest (guest:DIR to be explicit)",
+    )
+    cli_storage.add_run_options(p)
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--hostname", metavar="NAME", help="default: the container id")
     p.add_argument("--memory-limit", type=_size, metavar="SIZE", help="e.g. 64m, 1g")
     p.add_argument("--cpus-limit", type=_cpus, metavar="CPUS", help="e.g. 0.5")
     p.add_argument("--pids-limit", type=_positive, metavar="N", help="most processes at once")
     p.add_argument("--image", metavar="DIR", help="guest image of the throwaway sandbox")
+    p.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[ADDR:]HOSTPORT:PORT",
+        help="publish a container port on the host (127.0.0.1 unless ADDR; user networking)",
+    )
     p.add_argument("command", nargs=command_nargs, metavar="-- CMD")
     p.set_defaults(func=cmd_run, error_status=RUN_ERROR)
 
@@ -121,7 +135,7 @@ def add_parsers(groups: Any, command_nargs: Any) -> None:
         p.set_defaults(func=cmd_pause if name == "pause" else cmd_resume)
 
     p = groups.add_parser("stats", help="resource use of containers (a refreshing table)")
-    p.add_argument("sandbox")
+    p.add_argument("sandbox", nargs="?", help="default: every running sandbox")
     p.add_argument("container", nargs="?")
     p.add_argument("--no-stream", action="store_true", help="print once and exit")
     p.add_argument("--json", action="store_true", help="print once, as JSON")
@@ -197,6 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_id(args.name)
     if args.detach and not args.sandbox:
         raise BulkheadError("--detach needs --sandbox NAME (a throwaway sandbox would go away)")
+    storage = cli_storage.RunStorage.from_args(args)  # may turn --rootfs into a disk or share
     tty_size = terminal.window_size(sys.stdin.fileno()) if args.tty else None
     options: dict[str, Any] = {
         "env": _env(args.env),
@@ -216,10 +231,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         options["env"] = [f"TERM={os.environ.get('TERM', 'xterm')}", *options["env"]]
 
     with _cleanup_shield() as shield:
-        sandbox, throwaway = _run_sandbox(args)
+        sandbox, throwaway = _run_sandbox(args, storage)
         shield.on_exit(sandbox.close)
         if throwaway:
             shield.on_exit(lambda: sandbox.down(timeout=20))
+        elif args.rm and not args.detach:
+            # Last-registered runs first: after the container is gone, its disks go too.
+            shield.on_exit(lambda: storage.teardown(sandbox))
+        options.update(storage.setup(sandbox, args.read_only))
         if args.detach:
             container = sandbox.create_container(command, **options)
             container.start()
@@ -261,14 +280,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return _stream(proc, interactive=args.interactive, initial_size=tty_size)
 
 
-def _run_sandbox(args: argparse.Namespace) -> tuple[Sandbox, bool]:
+def _run_sandbox(args: argparse.Namespace, storage: cli_storage.RunStorage) -> tuple[Sandbox, bool]:
     if args.sandbox:
         sandbox = Sandbox.get(args.sandbox, state_dir=args.state_dir)
         if not sandbox.alive:
             raise BulkheadError(f"sandbox {args.sandbox!r} is not running")
+        # Containers share the sandbox's network: a port is published for the sandbox, and
+        # stays so after this container ends.
+        for port in args.publish:
+            sandbox.publish(port)
         return sandbox, False
     name = f"run-{secrets.token_hex(4)}"
-    return Sandbox.up(name, state_dir=args.state_dir, image=args.image), True
+    sandbox = Sandbox.up(
+        name,
+        state_dir=args.state_dir,
+        image=args.image,
+        hotplug_ports=max(DEFAULT_HOTPLUG_PORTS, storage.ports),
+        shared_memory=storage.needs_shared_memory,
+        publish=args.publish,
+    )
+    return sandbox, True
 
 
 class _Shield:
@@ -528,21 +559,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .cli import _print_json
 
-    sandbox = Sandbox.get(args.sandbox, state_dir=args.state_dir)
+    if args.sandbox is not None:
+        sandboxes = [Sandbox.get(args.sandbox, state_dir=args.state_dir)]
+    else:  # like `docker stats`: everything that runs, with a SANDBOX column
+        infos = Sandbox.list(args.state_dir)
+        sandboxes = [Sandbox.get(i.name, state_dir=args.state_dir) for i in infos if i.alive]
     once = args.no_stream or args.json
     clear = sys.stdout.isatty() and not once
-    before = _sample(sandbox, args.container)
+    before = _sample_all(sandboxes, args.container)
     try:
         while True:
             time.sleep(0.5 if once else 1.0)
-            after = _sample(sandbox, args.container)
+            after = _sample_all(sandboxes, args.container)
             rows = _stats_rows(before, after)
             if args.json:
                 _print_json(rows)
                 return 0
             if clear:
                 sys.stdout.write("\x1b[H\x1b[J")  # home, then clear: a refreshing table
-            _print_stats(rows)
+            _print_stats(rows, with_sandbox=args.sandbox is None)
             sys.stdout.flush()
             if once:
                 return 0
@@ -551,7 +586,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0  # the way to stop a streaming table
 
 
-_Sample = tuple[float, dict[str, tuple[ContainerInfo, ContainerStats]]]
+_Sample = tuple[float, dict[tuple[str, str], tuple[ContainerInfo, ContainerStats]]]
+
+
+def _sample_all(sandboxes: list[Sandbox], only: str | None) -> _Sample:
+    """One sample of every sandbox's containers, keyed by (sandbox, container)."""
+    stats = {}
+    for sandbox in sandboxes:
+        try:
+            _, found = _sample(sandbox, only)
+        except (AgentError, SandboxError):
+            if len(sandboxes) == 1:
+                raise
+            continue  # one of many went away (or is not up yet): the others still show
+        stats.update(found)
+    return time.monotonic(), stats
 
 
 def _sample(sandbox: Sandbox, only: str | None) -> _Sample:
@@ -564,19 +613,21 @@ def _sample(sandbox: Sandbox, only: str | None) -> _Sample:
     for info in infos:
         if info.status in ("running", "paused"):
             with contextlib.suppress(NotFound):  # it went away meanwhile
-                stats[info.container_id] = (info, sandbox.agent.container_stats(info.container_id))
+                figures = sandbox.agent.container_stats(info.container_id)
+                stats[(sandbox.name, info.container_id)] = (info, figures)
     return time.monotonic(), stats
 
 
 def _stats_rows(before: _Sample, after: _Sample) -> list[dict[str, Any]]:
     elapsed_usec = max(1.0, (after[0] - before[0]) * 1e6)
     rows = []
-    for container_id, (info, now) in after[1].items():
-        then = before[1].get(container_id)
+    for key, (info, now) in after[1].items():
+        then = before[1].get(key)
         used = now.cpu_usage_usec - then[1].cpu_usage_usec if then else 0
         rows.append(
             {
-                "container_id": container_id,
+                "sandbox": key[0],
+                "container_id": key[1],
                 "status": info.status,
                 "cpu_percent": round(100.0 * max(0, used) / elapsed_usec, 2),
                 **now.to_dict(),
@@ -585,25 +636,26 @@ def _stats_rows(before: _Sample, after: _Sample) -> list[dict[str, Any]]:
     return rows
 
 
-def _print_stats(rows: list[dict[str, Any]]) -> None:
+def _print_stats(rows: list[dict[str, Any]], with_sandbox: bool = False) -> None:
     from .cli import _table
 
     table = [("CONTAINER", "CPU %", "MEM USAGE / LIMIT", "MEM %", "PIDS", "THROTTLED", "IO R / W")]
+    if with_sandbox:
+        table[0] = ("SANDBOX", *table[0])
     for r in rows:
         limit = r["memory_max_bytes"]
         mem_pct = f"{100.0 * r['memory_current_bytes'] / limit:.1f}%" if limit else "-"
         pids = f"{r['pids_current']}" + (f" / {r['pids_max']}" if r["pids_max"] else "")
-        table.append(
-            (
-                r["container_id"],
-                f"{r['cpu_percent']:.1f}%",
-                f"{_bytes(r['memory_current_bytes'])} / {_bytes(limit) if limit else '-'}",
-                mem_pct,
-                pids,
-                str(r["cpu_nr_throttled"]),
-                f"{_bytes(r['io_read_bytes'])} / {_bytes(r['io_write_bytes'])}",
-            )
+        row = (
+            r["container_id"],
+            f"{r['cpu_percent']:.1f}%",
+            f"{_bytes(r['memory_current_bytes'])} / {_bytes(limit) if limit else '-'}",
+            mem_pct,
+            pids,
+            str(r["cpu_nr_throttled"]),
+            f"{_bytes(r['io_read_bytes'])} / {_bytes(r['io_write_bytes'])}",
         )
+        table.append((r["sandbox"], *row) if with_sandbox else row)
     if len(table) == 1:
         print("no running containers")
         return

@@ -11,19 +11,20 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
+from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc, storage_pb2
 
 from .details import ContainerInfo, ContainerStats, GuestDetails, ProcessExit, ProcessInfo
 from .errors import AgentError, DeadlineExceeded, ProcessTimeout, from_rpc_error
 
 if TYPE_CHECKING:
+    from .events import EventStream
     from .process import Attachment
 
 _T = TypeVar("_T")
@@ -70,6 +71,7 @@ class AgentClient:
         self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._agent = agent_pb2_grpc.AgentStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._telemetry = agent_pb2_grpc.TelemetryStub(self._channel)
 
     def __repr__(self) -> str:
         return f"AgentClient({self.target!r})"
@@ -175,6 +177,8 @@ class AgentClient:
         spec: dict[str, Any] | bytes,
         bundle_dir: str = "",
         *,
+        rootfs_storage: str = "",
+        storages: Sequence[storage_pb2.StorageSpec] = (),
         timeout: float | None = None,
     ) -> int:
         """Create a container from an OCI runtime spec; its process is held until started.
@@ -182,13 +186,19 @@ class AgentClient:
         ``spec`` is a ``config.json`` as a dict or as bytes (see ``bulkhead.spec``).
         ``bundle_dir`` is the guest directory a relative ``root.path`` is resolved
         in; ``""`` means the image's default busybox root filesystem. Returns
-        the held process's guest pid.
+        the held process's guest pid. ``rootfs_storage`` (``"ID[/sub]"``) takes the
+        root from a storage instead; ``storages`` (``bulkhead.storage.storage_spec``)
+        are added for this container and removed with it (see ``bulkhead.storage``).
         """
         reply = self._call(
             "CreateContainer",
             self._agent.CreateContainer,
             agent_pb2.CreateContainerRequest(
-                container_id=container_id, oci_spec=_json(spec), bundle_dir=bundle_dir
+                container_id=container_id,
+                oci_spec=_json(spec),
+                bundle_dir=bundle_dir,
+                rootfs_storage=rootfs_storage,
+                storages=list(storages),
             ),
             timeout,
         )
@@ -394,6 +404,33 @@ class AgentClient:
     def _open_attach(self, requests: Iterator[agent_pb2.AttachRequest]) -> Any:
         """The raw bidirectional Attach call (no deadline: it lasts as long as the process)."""
         return self._agent.Attach(requests)
+
+    # -- telemetry --
+
+    def metrics(self, sandbox: str = "", *, timeout: float | None = None) -> str:
+        """The guest's Prometheus text exposition; every series labelled ``sandbox`` (by default
+        the guest's hostname, which ``Sandbox.up`` sets to the sandbox's name)."""
+        reply = self._call(
+            "bulkhead.v1.Telemetry/GetMetrics",
+            self._telemetry.GetMetrics,
+            agent_pb2.GetMetricsRequest(sandbox=sandbox),
+            timeout,
+        )
+        return reply.text
+
+    def events(
+        self, since: int | None = None, *, accept_gap: bool = False, timeout: float | None = None
+    ) -> EventStream:
+        """Follow the agent's events: those after ``since`` (None: only new ones).
+
+        Returns a ``bulkhead.events.EventStream`` (iterate it; ``last_seq`` is where to resume;
+        ``close()`` it). Events the agent no longer keeps raise ``OutOfRange``, or with
+        ``accept_gap`` come as one ``events_lost`` event. The stream lasts until closed, or
+        ``timeout`` seconds (then ``DeadlineExceeded``).
+        """
+        from .events import EventStream
+
+        return EventStream(self, since, accept_gap, timeout)
 
     def _call(self, method: str, rpc: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         if "/" not in method:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import secrets
 import signal as signals
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import spec as specs
@@ -79,11 +79,20 @@ class Container:
         *,
         name: str | None = None,
         bundle_dir: str = "",
+        rootfs_storage: str = "",
+        storages: Sequence[Any] = (),
     ) -> Container:
-        """Create a container from a full OCI spec (dict or ``config.json`` bytes)."""
+        """Create a container from a full OCI spec (dict or ``config.json`` bytes).
+
+        ``rootfs_storage`` and ``storages``: see ``AgentClient.create_container``.
+        """
         container_id = check_id(name) if name else new_id()
         client.create_container(
-            container_id, spec if isinstance(spec, bytes) else dict(spec), bundle_dir
+            container_id,
+            spec if isinstance(spec, bytes) else dict(spec),
+            bundle_dir,
+            rootfs_storage=rootfs_storage,
+            storages=storages,
         )
         tty = False
         if isinstance(spec, Mapping):
@@ -254,17 +263,28 @@ def create(
     tty: bool = False,
     **options: Any,
 ) -> Container:
-    """A created (not yet started) container from ``args`` and ``make_spec`` options or ``spec``."""
+    """A created (not yet started) container from ``args`` and ``make_spec`` options or ``spec``.
+
+    Storage options go with either: ``rootfs_storage``, ``storages`` (see
+    ``AgentClient.create_container``) and ``volumes`` (OCI mounts, ``bulkhead.storage.volume``).
+    """
+    storage = {k: options.pop(k) for k in ("rootfs_storage", "storages") if k in options}
+    volumes = list(options.pop("volumes", None) or ())
     if spec is None:
         if args is None:
             raise BulkheadError("give the command (args) or a whole spec")
         container_id = check_id(name) if name else new_id()
         options.setdefault("hostname", container_id)
         spec = specs.make_spec(args, terminal=tty, **options)
-        return Container.create(client, spec, name=container_id, bundle_dir=bundle_dir)
+        spec["mounts"] += volumes
+        return Container.create(client, spec, name=container_id, bundle_dir=bundle_dir, **storage)
     if args is not None or options or tty:
         raise BulkheadError("give either a spec or args and options, not both")
-    return Container.create(client, spec, name=name, bundle_dir=bundle_dir)
+    if volumes:
+        if isinstance(spec, bytes):
+            raise BulkheadError("volumes need the spec as a dict, not bytes")
+        spec = {**spec, "mounts": [*spec.get("mounts", []), *volumes]}
+    return Container.create(client, spec, name=name, bundle_dir=bundle_dir, **storage)
 
 
 def _remove_quietly(container: Container) -> None:

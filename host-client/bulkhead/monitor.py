@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from .nics import Nic
+from .nics import boot_args as nic_boot_args
 from .qemu import QemuConfig, build_command, vhost_vsock_available
 from .qmp import Qmp
 from .relay import UnixRelay
@@ -54,17 +56,27 @@ class Monitor:
         cfg = QemuConfig.from_dict(state["qemu"])
         vsock = bool(state.get("vsock")) and cfg.vsock_cid is not None and vhost_vsock_available()
         cmd = build_command(cfg, vhost_vsock=vsock)
+        # The NICs from boot; a tap's device is opened here, in its namespace, and QEMU
+        # inherits the descriptor (nics.boot_args).
+        boot_nics = [Nic.from_dict(d) for d in state.get("nics", [])]
+        nic_args, nic_fds = nic_boot_args(boot_nics, machine=cfg.machine)
+        cmd += nic_args
         log.info("starting QEMU: %s", shlex.join(cmd))
         if self.stopping.is_set():
+            _close_all(nic_fds)
             return self._finish(None)
         # QEMU's own messages (e.g. "KVM internal error") go to monitor.log.
-        self.qemu = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=sys.stderr,
-            stderr=sys.stderr,
-            start_new_session=True,
-        )
+        try:
+            self.qemu = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=sys.stderr,
+                stderr=sys.stderr,
+                start_new_session=True,
+                pass_fds=nic_fds,
+            )
+        finally:
+            _close_all(nic_fds)  # QEMU has its copies
         started = _create_time(self.qemu.pid)
         update_state(
             self.paths,
@@ -155,6 +167,12 @@ class Monitor:
             log.warning("QEMU still running %ss after quit: SIGKILL", QUIT_GRACE)
             with contextlib.suppress(ProcessLookupError):
                 qemu.kill()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _create_time(pid: int) -> float | None:

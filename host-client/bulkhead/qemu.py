@@ -28,6 +28,10 @@ ACCELS = ("auto", "kvm", "tcg")
 MACHINES = ("q35", "microvm")
 DEFAULT_SERIAL_PORT = "bulkhead.agent"
 VHOST_VSOCK = Path("/dev/vhost-vsock")
+# Hot-plug: PCIe root ports at fixed slots of the root bus (q35), one device each, so that
+# the device plugged into port N is always at guest PCI path "<slot>/00" (see hotplug.py).
+HOTPLUG_FIRST_SLOT = 0x10
+MAX_HOTPLUG_PORTS = 15  # slots 0x10..0x1e; 0x1f holds the ICH9 functions
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ class QemuConfig:
     vsock_cid: int | None = None
     binary: str = QEMU_BINARY
     extra_args: tuple[str, ...] = ()
+    # Empty PCIe root ports to hot-plug disks and shares into (q35 only).
+    hotplug_ports: int = 0
+    # Guest RAM as a shared memfd: what vhost-user devices (virtio-fs) need to reach it.
+    shared_memory: bool = False
+    # Memory-device slots (hot-plugged virtio-pmem) and the address space they may fill.
+    memory_slots: int = 0
+    max_memory_mib: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -110,6 +121,10 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
         raise ValueError("-cpu host needs KVM")
     if cfg.memory_mib < 64 or cfg.cpus < 1:
         raise ValueError(f"need at least 64 MiB and 1 CPU, not {cfg.memory_mib} MiB, {cfg.cpus}")
+    if not 0 <= cfg.hotplug_ports <= MAX_HOTPLUG_PORTS:
+        raise ValueError(f"hotplug_ports must be 0..{MAX_HOTPLUG_PORTS}, not {cfg.hotplug_ports}")
+    if cfg.hotplug_ports and cfg.machine != "q35":
+        raise ValueError(f"hot-plug needs the q35 machine (PCIe), not {cfg.machine}")
 
     # microvm has no PCI: the same devices come as virtio-mmio (the guest
     # kernel then needs virtio_mmio, a module in Debian's cloud kernel).
@@ -131,7 +146,7 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
         "-cpu",
         cpu,
         "-m",
-        str(cfg.memory_mib),
+        _memory(cfg),
         "-smp",
         str(cfg.cpus),
         "-kernel",
@@ -145,6 +160,9 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
     ]
     if cfg.name:
         cmd += ["-name", _opt(cfg.name)]
+    if cfg.shared_memory:
+        memory = f"memory-backend-memfd,id=ram,size={cfg.memory_mib}M,share=on"
+        cmd += ["-object", memory, "-numa", "node,memdev=ram"]
     if cfg.console_socket is not None:
         chardev = f"socket,id=console,path={_opt(cfg.console_socket)},server=on,wait=off"
         if cfg.console_log is not None:
@@ -173,8 +191,33 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
         cmd += ["-device", f"{virtio('vhost-vsock')},guest-cid={cfg.vsock_cid}"]
     # Entropy from the host, so the guest's getrandom() is ready early.
     cmd += ["-device", virtio("virtio-rng")]
+    for port in range(cfg.hotplug_ports):
+        slot = HOTPLUG_FIRST_SLOT + port
+        cmd += [
+            "-device",
+            f"pcie-root-port,id={hotplug_port_id(port)},bus=pcie.0,chassis={port + 1},"
+            f"addr={slot:#x}",
+        ]
     cmd += list(cfg.extra_args)
     return cmd
+
+
+def _memory(cfg: QemuConfig) -> str:
+    if not cfg.memory_slots:
+        return str(cfg.memory_mib)
+    if cfg.max_memory_mib <= cfg.memory_mib:
+        raise ValueError(f"max_memory_mib must be above memory_mib, not {cfg.max_memory_mib}")
+    return f"{cfg.memory_mib}M,slots={cfg.memory_slots},maxmem={cfg.max_memory_mib}M"
+
+
+def hotplug_port_id(port: int) -> str:
+    """The QEMU id of hot-plug root port ``port`` (0-based)."""
+    return f"bh-port{port}"
+
+
+def hotplug_pci_path(port: int) -> str:
+    """The guest PCI path of the device in root port ``port``: ``<port slot>/<device slot>``."""
+    return f"{HOTPLUG_FIRST_SLOT + port:02x}/00"
 
 
 def kernel_cmdline(

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,14 @@ from .errors import (
 )
 from .qemu import QemuConfig, choose_accel, kernel_cmdline, vhost_vsock_available
 from .qmp import Qmp
+from .sandbox_network import (
+    SandboxNetwork,
+    cleanup_nics,
+    create_namespaces,
+    prepare_nics,
+    resolve_network,
+)
+from .sandbox_storage import SandboxStorage
 from .state import (
     SandboxInfo,
     SandboxPaths,
@@ -59,6 +67,7 @@ from .state import (
 )
 
 if TYPE_CHECKING:
+    from .events import Event
     from .process import Process
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,8 @@ log = logging.getLogger(__name__)
 KVM_PROBE_CACHE = "kvm-probe.json"
 SHUTDOWN_REPLY_GRACE = 2.0
 FIRST_VSOCK_CID = 3  # 0-2 are reserved (hypervisor, local, host)
+DEFAULT_HOTPLUG_PORTS = 4
+PMEM_ADDRESS_SPACE_MIB = 16 * 1024  # guest-physical room for virtio-pmem images
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class SandboxDetails:
         return {"sandbox": self.sandbox.to_dict(), "guest": self.guest.to_dict()}
 
 
-class Sandbox:
+class Sandbox(SandboxStorage, SandboxNetwork):
     """One sandbox VM, found by name in a state directory.
 
     Create one with ``Sandbox.up()`` or find one with ``Sandbox.get()``. As a
@@ -138,6 +149,12 @@ class Sandbox:
         debug_console: bool = False,
         log_level: str | None = None,
         extra_cmdline: Sequence[str] = (),
+        hotplug_ports: int = DEFAULT_HOTPLUG_PORTS,
+        shared_memory: bool = False,
+        pmem_slots: int = 0,
+        nics: Iterable[Any] = (),
+        publish: Iterable[str] = (),
+        network: Any = None,
     ) -> Sandbox:
         """Boot a sandbox VM and wait until its agent is ready.
 
@@ -146,7 +163,15 @@ class Sandbox:
         ``"kvm"`` or ``"tcg"``. Raises ``SandboxExists`` if a live sandbox has
         that name, ``ImageNotFound``, or ``BootError`` (with the console log's
         tail) if the agent is not ready within ``boot_timeout`` seconds; a
-        failed sandbox leaves nothing behind.
+        failed sandbox leaves nothing behind. ``hotplug_ports`` empty PCIe ports
+        take hot-plugged disks and shares (``add_disk``, ``add_share``);
+        ``shared_memory`` is what virtio-fs shares need (``add_share``);
+        ``pmem_slots`` memory-device slots take virtio-pmem images (``add_pmem``).
+        ``nics`` are virtio-net NICs from boot (``"user"``, ``"tap,netns=NS"``, ``Nic``s;
+        see ``bulkhead.nics``), ``publish`` host ports forwarded to the guest
+        (``"8080:80"``, on the first user-mode NIC, one added if needed), and ``network``
+        the spec applied once the agent is ready (a ``NetworkSpec``, dict or JSON file;
+        default: the one the NICs imply; ``False``: none). See ``bulkhead.network``.
         """
         root = _root(state_dir)
         paths = SandboxPaths(root / validate_name(name))
@@ -154,6 +179,8 @@ class Sandbox:
         if memory_mib < 64 or cpus < 1:
             raise SandboxError(f"need at least 64 MiB and 1 CPU, not {memory_mib} MiB, {cpus}")
         _refuse_live(paths)
+        boot_nics = prepare_nics(name, nics, publish)
+        network_spec = resolve_network(network, boot_nics)  # a bad spec fails before booting
         img = _load_image(image)
         try:
             choice = choose_accel(accel, kernel=Path(img.kernel), cache_file=root / KVM_PROBE_CACHE)
@@ -189,6 +216,10 @@ class Sandbox:
                 serial_socket=paths.serial_sock,
                 qmp_socket=paths.qmp_sock,
                 vsock_cid=_free_cid(root) if vsock else None,
+                hotplug_ports=hotplug_ports if machine == "q35" else 0,
+                shared_memory=shared_memory,
+                memory_slots=pmem_slots,
+                max_memory_mib=memory_mib + PMEM_ADDRESS_SPACE_MIB if pmem_slots else 0,
             ).with_accel(choice)
             paths.dir.mkdir(mode=0o700)
             # Held from now until the monitor exits: this is what "alive" means.
@@ -205,6 +236,7 @@ class Sandbox:
                         "accel_reason": choice.reason,
                         "vsock": vsock,
                         "qemu": cfg.to_dict(),
+                        "nics": [nic.to_dict() for nic in boot_nics],
                     },
                 )
             except BaseException:
@@ -212,6 +244,7 @@ class Sandbox:
                 remove_dead(paths)
                 raise
         try:
+            create_namespaces(boot_nics)  # recorded in the state: _destroy removes them
             _spawn_monitor(paths, lock_fd)
         except BaseException:
             os.close(lock_fd)
@@ -222,6 +255,8 @@ class Sandbox:
         sb = cls(paths)
         try:
             sb._wait_booted(started + boot_timeout, boot_timeout)
+            if network_spec is not None:
+                sb.network.apply(network_spec)
         except BaseException as exc:
             console = _tail(paths.console_log, 40)
             monitor = _tail(paths.monitor_log, 15)
@@ -358,6 +393,9 @@ class Sandbox:
         remove: bool = True,
         spec: Mapping[str, Any] | bytes | None = None,
         bundle_dir: str = "",
+        rootfs_storage: str = "",
+        volumes: Iterable[Mapping[str, Any]] = (),
+        storages: Sequence[Any] = (),
     ) -> Process:
         """Run ``args`` in a new container; the running ``Process``.
 
@@ -369,11 +407,14 @@ class Sandbox:
         ``pids_limit``. ``rootfs`` is a guest directory (default: the image's busybox
         root). ``remove`` deletes the container once its exit is in. A whole OCI
         ``spec`` (dict or bytes, with ``bundle_dir``) replaces ``args`` and options.
+        Storages (``bulkhead.storage``): ``rootfs_storage`` (``"ID[/sub]"``) is the root
+        instead, ``volumes`` are mounts of storages (``storage.volume(...)``), ``storages``
+        are added for this container and go with it.
         """
         options = self._container_options(locals())
         return containers.run(
             self.agent, args, spec=spec, bundle_dir=bundle_dir, name=name,
-            stdin=stdin, remove=remove, **options,
+            stdin=stdin, remove=remove, **options, **_storage_options(locals()),
         )  # fmt: skip
 
     def create_container(
@@ -394,12 +435,16 @@ class Sandbox:
         name: str | None = None,
         spec: Mapping[str, Any] | bytes | None = None,
         bundle_dir: str = "",
+        rootfs_storage: str = "",
+        volumes: Iterable[Mapping[str, Any]] = (),
+        storages: Sequence[Any] = (),
     ) -> Container:
         """Create a container (its process held until ``start()``), as ``run`` describes."""
         options = self._container_options(locals())
         return containers.create(
-            self.agent, args, spec=spec, bundle_dir=bundle_dir, name=name, **options
-        )
+            self.agent, args, spec=spec, bundle_dir=bundle_dir, name=name, **options,
+            **_storage_options(locals()),
+        )  # fmt: skip
 
     @staticmethod
     def _container_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -425,8 +470,28 @@ class Sandbox:
         """Every container in this sandbox."""
         return self.agent.list_containers()
 
+    # -- metrics and events --
+
+    def metrics(self, *, timeout: float | None = None) -> str:
+        """The Prometheus text exposition of this sandbox, every series labelled with its name."""
+        return self.agent.metrics(self.name, timeout=timeout)
+
+    def events(
+        self, since: int | None = None, *, accept_gap: bool = False, reconnect: bool = True
+    ) -> Iterator[Event]:
+        """Follow this sandbox's events (after ``since``; None: new ones only) until it stops.
+
+        With ``reconnect`` a broken connection (the agent restarting, say) is dialled again
+        from the last event received, so nothing is missed or repeated; the iterator ends
+        when the sandbox is gone. See ``AgentClient.events`` for ``accept_gap``.
+        """
+        from .events import follow
+
+        return follow(self, since, accept_gap=accept_gap, reconnect=reconnect)
+
     def close(self) -> None:
         """Close this object's agent connection; the sandbox keeps running."""
+        self._storage = None  # on the agent's channel
         if self._agent is not None:
             self._agent.close()
             self._agent = None
@@ -475,6 +540,7 @@ class Sandbox:
         if not wait_gone(*monitor, timeout=5.0):
             kill(*monitor)
             wait_gone(*monitor, timeout=5.0)
+        cleanup_nics(state)  # the namespaces made for its taps
         with state_lock(self.paths.root):
             if not is_alive(self.paths):
                 remove_dead(self.paths)
@@ -484,6 +550,12 @@ class Sandbox:
             return read_state(self.paths)
         except SandboxError:
             return {}
+
+
+def _storage_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The storage options among ``given`` that are set."""
+    keys = ("rootfs_storage", "volumes", "storages")
+    return {k: list(given[k]) if k != "rootfs_storage" else given[k] for k in keys if given[k]}
 
 
 def _root(state_dir: str | os.PathLike[str] | None) -> Path:

@@ -219,8 +219,10 @@ def make_spec(
     resources = make_resources(
         memory_limit=memory_limit, cpus_limit=cpus_limit, pids_limit=pids_limit
     )
-    if resources:
-        spec["linux"]["resources"] = resources
+    # As docker does: no device but the standard ones (/dev/null, /dev/zero, ttys, ...), which
+    # the agent always allows, even for a root that can mknod one.
+    resources["devices"] = [{"allow": False, "access": "rwm"}]
+    spec["linux"]["resources"] = resources
     return spec
 
 
