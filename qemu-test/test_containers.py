@@ -549,3 +549,360 @@ def _status(sandbox: Sandbox, container_id: str) -> str | None:
         if info.container_id == container_id:
             return info.status
     return None
+
+
+# -- seccomp --
+
+
+def test_seccomp_denies_the_listed_syscalls_in_the_process_and_its_execs(
+    sandbox: Sandbox, keep
+) -> None:
+    spec = make_spec(["sleep", "300"])
+    spec["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"},  # EPERM by default
+            {"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+        ],
+    }
+    container = keep(sandbox.create_container(spec=spec))
+    container.start()
+    out, err = container.exec(["mkdir", "/tmp/made"]).communicate(timeout=DEADLINE)
+    assert b"Operation not permitted" in err, err
+    out, err = container.exec(["chmod", "700", "/tmp"]).communicate(timeout=DEADLINE)
+    assert b"Permission denied" in err, err  # EACCES: the profile's errnoRet
+    proc = container.exec(["sh", "-c", "test -d /tmp/made || echo none; ls / | grep -x tmp"])
+    assert proc.communicate(timeout=DEADLINE) == (b"none\ntmp\n", b"")
+    assert proc.returncode == 0
+    # The container's own process is filtered too, not just the execs.
+    spec["process"]["args"] = ["sh", "-c", "mkdir /tmp/x; echo mkdir=$?; echo still here"]
+    out, err, proc = _run_spec(sandbox, spec)
+    assert (out, proc.returncode) == (b"mkdir=1\nstill here\n", 0), err
+
+
+def test_seccomp_with_a_docker_shaped_profile_runs_ordinary_commands(sandbox: Sandbox) -> None:
+    spec = make_spec(["sh", "-c", "echo hello; ls /bin | grep -c . >/dev/null && echo forked"])
+    spec["linux"]["seccomp"] = docker_shaped_profile()
+    out, err, proc = _run_spec(sandbox, spec)
+    assert (out, err, proc.returncode) == (b"hello\nforked\n", b"", 0)
+    spec["process"]["args"] = ["echo", "plain echo"]
+    assert _run_spec(sandbox, spec)[0] == b"plain echo\n"
+    # Only the spawner, which forks the containers, loaded libseccomp's bindings; the agent
+    # itself never imports them.
+    assert _maps_seccomp(sandbox) == {"agent": False, "spawner": True}
+
+
+def _run_spec(sb: Sandbox, spec: dict[str, Any]) -> tuple[bytes, bytes, Process]:
+    proc = sb.run(spec=spec)
+    out, err = within(DEADLINE, "the container", lambda: proc.communicate(timeout=DEADLINE), proc)
+    return out, err, proc
+
+
+def _maps_seccomp(sb: Sandbox) -> dict[str, bool]:
+    """Whether the agent, and the spawner that forks containers, map the bindings.
+
+    Read from a container in the guest's own pid namespace that may read others' maps: its
+    parent is the spawner.
+    """
+    agent = next(p.pid for p in sb.agent.guest_details().processes if p.name == "agent")
+    script = (
+        f"test $PPID != {agent} || exit 3;"
+        f" grep -q seccomp /proc/{agent}/maps && echo agent=1 || echo agent=0;"
+        " grep -q seccomp /proc/$PPID/maps && echo spawner=1 || echo spawner=0"
+    )
+    spec = make_spec(["sh", "-c", script])
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    for kind in ("bounding", "effective", "permitted"):
+        spec["process"]["capabilities"][kind].append("CAP_SYS_PTRACE")
+    out, err, proc = _run_spec(sb, spec)
+    assert proc.returncode == 0, err
+    lines = out.decode().split()
+    return {"agent": "agent=1" in lines, "spawner": "spawner=1" in lines}
+
+
+def docker_shaped_profile() -> dict[str, Any]:
+    """The shape of docker's default profile: refuse by default, allow a long list.
+
+    The names are docker's unconditional allow-list (some are unknown to this libseccomp
+    or this architecture, and skipped, as docker's are), plus its clone rule without
+    namespace flags and clone3 answered with ENOSYS so that libc falls back to clone.
+    """
+    allowed = DOCKER_ALLOWED_SYSCALLS.split()
+    namespace_flags = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | ...
+    return {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 1,
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": allowed, "action": "SCMP_ACT_ALLOW"},
+            {
+                "names": ["personality"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}],
+            },
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [
+                    {
+                        "index": 0,
+                        "value": namespace_flags,
+                        "valueTwo": 0,
+                        "op": "SCMP_CMP_MASKED_EQ",
+                    }
+                ],
+            },
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+        ],
+    }
+
+
+# docker's unconditional allow-list (moby profiles/seccomp/default.json), names only, plus
+# the ones it allows on conditions that hold here (socket, arch_prctl, modify_ldt, chroot).
+DOCKER_ALLOWED_SYSCALLS = """
+accept accept4 access adjtimex alarm bind brk cachestat capget capset chdir chmod chown
+chown32 clock_adjtime clock_adjtime64 clock_getres clock_getres_time64 clock_gettime
+clock_gettime64 clock_nanosleep clock_nanosleep_time64 close close_range connect
+copy_file_range creat dup dup2 dup3 epoll_create epoll_create1 epoll_ctl epoll_ctl_old
+epoll_pwait epoll_pwait2 epoll_wait epoll_wait_old eventfd eventfd2 execve execveat exit
+exit_group faccessat faccessat2 fadvise64 fadvise64_64 fallocate fanotify_mark fchdir
+fchmod fchmodat fchmodat2 fchown fchown32 fchownat fcntl fcntl64 fdatasync fgetxattr
+flistxattr flock fork fremovexattr fsetxattr fstat fstat64 fstatat64 fstatfs fstatfs64
+fsync ftruncate ftruncate64 futex futex_requeue futex_time64 futex_wait futex_waitv
+futex_wake futimesat getcpu getcwd getdents getdents64 getegid getegid32 geteuid
+geteuid32 getgid getgid32 getgroups getgroups32 getitimer getpeername getpgid getpgrp
+getpid getppid getpriority getrandom getresgid getresgid32 getresuid getresuid32
+getrlimit get_robust_list getrusage getsid getsockname getsockopt get_thread_area gettid
+gettimeofday getuid getuid32 getxattr inotify_add_watch inotify_init inotify_init1
+inotify_rm_watch io_cancel ioctl io_destroy io_getevents io_pgetevents
+io_pgetevents_time64 ioprio_get ioprio_set io_setup io_submit ipc kill landlock_add_rule
+landlock_create_ruleset landlock_restrict_self lchown lchown32 lgetxattr link linkat
+listen listxattr llistxattr _llseek lremovexattr lseek lsetxattr lstat lstat64 madvise
+map_shadow_stack membarrier memfd_create memfd_secret mincore mkdir mkdirat mknod mknodat
+mlock mlock2 mlockall mmap mmap2 mprotect mq_getsetattr mq_notify mq_open
+mq_timedreceive mq_timedreceive_time64 mq_timedsend mq_timedsend_time64 mq_unlink mremap
+msgctl msgget msgrcv msgsnd msync munlock munlockall munmap name_to_handle_at nanosleep
+newfstatat _newselect open openat openat2 pause pidfd_open pidfd_send_signal pipe pipe2
+pkey_alloc pkey_free pkey_mprotect poll ppoll ppoll_time64 prctl pread64 preadv preadv2
+prlimit64 process_mrelease pselect6 pselect6_time64 pwrite64 pwritev pwritev2 read
+readahead readlink readlinkat readv recv recvfrom recvmmsg recvmmsg_time64 recvmsg
+remap_file_pages removexattr rename renameat renameat2 restart_syscall rmdir rseq
+rt_sigaction rt_sigpending rt_sigprocmask rt_sigqueueinfo rt_sigreturn rt_sigsuspend
+rt_sigtimedwait rt_sigtimedwait_time64 rt_tgsigqueueinfo sched_getaffinity
+sched_getattr sched_getparam sched_get_priority_max sched_get_priority_min
+sched_getscheduler sched_rr_get_interval sched_rr_get_interval_time64 sched_setaffinity
+sched_setattr sched_setparam sched_setscheduler sched_yield seccomp select semctl semget
+semop semtimedop semtimedop_time64 send sendfile sendfile64 sendmmsg sendmsg sendto
+setfsgid setfsgid32 setfsuid setfsuid32 setgid setgid32 setgroups setgroups32 setitimer
+setpgid setpriority setregid setregid32 setresgid setresgid32 setresuid setresuid32
+setreuid setreuid32 setrlimit set_robust_list setsid setsockopt set_thread_area
+set_tid_address setuid setuid32 setxattr shmat shmctl shmdt shmget shutdown sigaltstack
+signalfd signalfd4 sigprocmask sigreturn socket socketcall socketpair splice stat stat64
+statfs statfs64 statx symlink symlinkat sync sync_file_range syncfs sysinfo tee tgkill
+time timer_create timer_delete timer_getoverrun timer_gettime timer_gettime64
+timer_settime timer_settime64 timerfd_create timerfd_gettime timerfd_gettime64
+timerfd_settime timerfd_settime64 times tkill truncate truncate64 ugetrlimit umask uname
+unlink unlinkat utime utimensat utimensat_time64 utimes vfork vmsplice wait4 waitid
+waitpid write writev arch_prctl modify_ldt chroot
+"""
+
+
+# -- device rules (a cgroup device program) and OCI hooks --
+
+DENY_ALL_DEVICES = {"allow": False, "access": "rwm"}
+LOOP0_NODE = {"path": "/dev/xblk", "type": "b", "major": 7, "minor": 0, "fileMode": 0o600}
+GUEST_TMP = {"destination": "/hooks", "type": "bind", "source": "/tmp", "options": ["rbind"]}
+
+
+def _run_spec(sandbox: Sandbox, spec: dict[str, Any]) -> tuple[bytes, bytes, Process]:
+    proc = sandbox.run(spec=spec)
+    out, err = within(DEADLINE, "the container", lambda: proc.communicate(timeout=DEADLINE), proc)
+    return out, err, proc
+
+
+def test_device_rules_refuse_a_node_no_rule_allows(sandbox: Sandbox) -> None:
+    # The spec makes a node for the guest's loop0 (the loop module is loaded); docker and
+    # "crun spec" start their rules with a deny-all, which leaves the standard devices.
+    script = (
+        "head -c1 /dev/xblk >/dev/null; echo xblk=$?;"
+        " for d in null zero urandom full; do head -c1 /dev/$d >/dev/null && echo $d; done"
+    )
+
+    def spec_with(rules: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = make_spec(["sh", "-c", script])
+        spec["linux"]["devices"] = [LOOP0_NODE]
+        spec["linux"]["resources"] = {"devices": rules}
+        return spec
+
+    out, err, _ = _run_spec(sandbox, spec_with([DENY_ALL_DEVICES]))
+    assert out.decode().split() == ["xblk=1", "null", "zero", "urandom", "full"], err
+    assert b"Operation not permitted" in err
+    allow = {"allow": True, "type": "b", "major": 7, "minor": 0, "access": "r"}
+    out, err, _ = _run_spec(sandbox, spec_with([DENY_ALL_DEVICES, allow]))
+    assert out.decode().split() == ["xblk=0", "null", "zero", "urandom", "full"], err
+
+
+def test_oci_hooks_run_where_and_when_they_belong(sandbox: Sandbox, keep) -> None:
+    from bulkhead.errors import FailedPrecondition
+
+    tag = f"hooks{os.getpid() % 100000}"
+
+    def in_guest(kind: str, then: str = "") -> dict[str, Any]:
+        # the guest's own sh (busybox, whose applets need their name)
+        text = f"busybox cat > /tmp/{tag}-{kind}.json{then}"
+        return {"path": "/bin/sh", "args": ["sh", "-c", text], "env": ["PATH=/bin"]}
+
+    spec = make_spec(["sleep", "300"])
+    spec["mounts"].append(GUEST_TMP)  # the guest's /tmp, to read what the hooks wrote
+    spec["hooks"] = {
+        kind: [in_guest(kind)]
+        for kind in ("prestart", "createRuntime", "createContainer", "poststart", "poststop")
+    }
+    # the container's sh, its /hooks: resolved inside
+    start_text = f"cat > /hooks/{tag}-startContainer.json"
+    spec["hooks"]["startContainer"] = [{"path": "/bin/sh", "args": ["sh", "-c", start_text]}]
+    container = keep(sandbox.create_container(spec=spec))
+    container.start()
+
+    def state(kind: str) -> dict[str, Any]:
+        proc = container.exec(["cat", f"/hooks/{tag}-{kind}.json"])
+        out, err = within(DEADLINE, kind, lambda: proc.communicate(timeout=DEADLINE), proc)
+        assert proc.returncode == 0, err
+        return json.loads(out)
+
+    created = state("createRuntime")
+    assert (created["id"], created["status"], created["bundle"]) == (container.id, "creating", "/")
+    assert created["pid"] in [p.pid for p in container.processes()]  # the guest's pid
+    assert state("prestart") == created
+    assert state("createContainer") == {**created, "pid": 1}  # in its PID namespace
+    assert state("startContainer") == {**created, "status": "created", "pid": 1}
+    assert state("poststart") == {**created, "status": "running"}
+    container.remove(timeout=0)
+    reader = make_spec(["cat", f"/hooks/{tag}-poststop.json"])
+    reader["mounts"].append(GUEST_TMP)
+    out, err, proc = _run_spec(sandbox, reader)
+    assert proc.returncode == 0, err
+    stopped = {**created, "status": "stopped"}
+    del stopped["pid"]  # none once stopped
+    assert json.loads(out) == stopped
+
+    # A failing createContainer hook fails the create, named, and leaves nothing.
+    spec["hooks"] = {"createContainer": [in_guest("failing", then="; echo broken >&2; exit 3")]}
+    with pytest.raises(FailedPrecondition, match=r"createContainer hook 0 \(/bin/sh\)") as info:
+        sandbox.create_container(spec=spec, name=f"{tag}-failing")
+    assert "exited with code 3: broken" in str(info.value)
+    assert f"{tag}-failing" not in [c.container_id for c in sandbox.containers()]
+
+
+# --- a restarted agent adopts the containers -------------------------------------------------
+
+
+class _RawAttach:
+    """One Attach stream driven by hand, acknowledging as it reads. A gap message is data
+    here (the host client's Attachment refuses any jump in offsets)."""
+
+    def __init__(self, client: Any, container_id: str, offset: int) -> None:
+        import queue
+
+        from bulkhead_proto.v1 import agent_pb2, agent_pb2_grpc
+
+        self._pb = agent_pb2
+        self.requests: queue.Queue[Any] = queue.Queue()
+        self.requests.put(
+            agent_pb2.AttachRequest(
+                container_id=container_id, stdout_offset=offset, ack_stdout=offset
+            )
+        )
+        stub = agent_pb2_grpc.AgentStub(client.channel)
+        self.call = stub.Attach(iter(self.requests.get, None), timeout=DEADLINE)
+        self.offset = offset
+        self.out = b""
+        self.gaps: list[Any] = []
+        self.exit: Any = None
+
+    def read(self, done: Callable[[], bool]) -> None:
+        """Until ``done()`` or the end of the stream (an error ends it too: raised)."""
+        for response in self.call:
+            kind = response.WhichOneof("event")
+            if kind == "gap":
+                assert (response.gap.stream, response.gap.from_offset) == ("stdout", self.offset)
+                assert not self.out, "a gap comes first"
+                self.gaps.append(response.gap)
+                self.offset = response.gap.to_offset
+            elif kind == "stdout":
+                assert response.stdout.offset == self.offset, "offsets follow on"
+                self.out += response.stdout.data
+                self.offset += len(response.stdout.data)
+                self.requests.put(self._pb.AttachRequest(ack_stdout=self.offset))
+            elif kind == "exit":
+                self.exit = response.exit
+            if done():
+                return
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+
+
+def test_a_restarted_agent_adopts_a_running_container(boot) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    from bulkhead import AgentClient
+
+    sb = boot("adopt", debug_console=True)
+    script = "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.2; done; exit 7"
+    expected = b"".join(f"{i}\n".encode() for i in range(30))
+    container = sb.create_container(["sh", "-c", script], name="counter")
+    before = _RawAttach(sb.agent, "counter", 0)
+    container.start()
+    within(DEADLINE, "the first lines", lambda: before.read(lambda: b"3\n" in before.out))
+    # The spawner's socket, like the agent's, is nowhere in the container's view.
+    look = container.exec(["sh", "-c", "find / -name '*.sock' 2>/dev/null; ls -a /run"])
+    seen, _ = within(DEADLINE, "a look around", lambda: look.communicate(timeout=DEADLINE), look)
+    assert look.returncode == 0 and b"spawner.sock" not in seen and b"bulkhead" not in seen, seen
+    agent_pid = sb.agent.guest_details().agent_pid
+    sb.console_send(f"kill -9 {agent_pid}\n")  # through the debug console's shell
+
+    def drain_old() -> None:
+        try:
+            before.read(lambda: False)
+        except grpc.RpcError:
+            pass  # the agent died under it: what arrived until then is ours
+
+    within(DEADLINE, "the old stream to break", drain_old)
+    before.close()
+    assert before.exit is None, "the counter cannot have ended yet"
+
+    def restarted() -> AgentClient | None:
+        client = AgentClient(sb.agent_socket, timeout=5)
+        try:
+            if client.guest_details().agent_restarts >= 1:
+                return client
+        except Exception:
+            pass
+        client.close()
+        return None
+
+    client = wait_for(restarted, DEADLINE, "the agent to be restarted by init")
+    try:
+        assert client.guest_details().agent_pid != agent_pid
+        listed = {c.container_id: c.status for c in client.list_containers()}
+        assert listed["counter"] in ("running", "stopped")  # stopped: it ended meanwhile
+        after = _RawAttach(client, "counter", before.offset)
+        within(DEADLINE, "the rest of the output", lambda: after.read(lambda: False))
+        after.close()
+        assert after.exit is not None and after.exit.exit_code == 7
+        assert before.out == expected[: len(before.out)]
+        if not after.gaps:  # nothing lost: the stream simply went on
+            assert before.out + after.out == expected
+        else:  # the agent died holding a few lines: said so, and no more than that is missing
+            (gap,) = after.gaps
+            assert after.out == expected[len(expected) - len(after.out) :]
+            missing = len(expected) - len(before.out) - len(after.out)
+            assert 0 < missing <= gap.to_offset - gap.from_offset
+        assert client.wait_process("counter").exit_code == 7
+        client.remove_container("counter")
+        assert "counter" not in [c.container_id for c in client.list_containers()]
+    finally:
+        client.close()
+    assert "adopted the spawner" in sb.console_log()
