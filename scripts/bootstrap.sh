@@ -12,7 +12,11 @@ APT_PACKAGES=(
   busybox-static    # the debug console shell and the benchmark's floor /init
   cpio zstd         # inspecting and compressing the initramfs
   e2fsprogs         # mkfs.ext4 for disk images
+  erofs-utils       # mkfs.erofs: read-only container root filesystem images
+  squashfs-tools    # mksquashfs: the squashfs disks of the storage tests
+  umoci             # OCI image layouts for `bulkhead image rootfs` and its tests
   crun              # the OCI runtime baseline in benchmarks
+  prometheus        # promtool, which checks the agent's metrics exposition in tests
 )
 
 missing=()
