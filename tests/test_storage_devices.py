@@ -234,6 +234,30 @@ def test_a_disk_plugged_later_is_found_on_its_uevent(tmp_path: Path) -> None:
     assert latency < 1.0  # woken by the event, not by a poll
 
 
+def test_a_disk_without_its_dev_number_yet_is_waited_for(tmp_path: Path) -> None:
+    # Seen in the guest: the block directory exists a moment before its attributes.
+    sysfs = make_sysfs(tmp_path)
+    disk = add_disk(sysfs, "0000:00:10.0/0000:01:00.0", "virtio3", "vdb", "254:16")
+    (disk / "dev").unlink()
+    kernel = FakeKernel()
+
+    async def main() -> devices.Found:
+        monitor = UeventMonitor(kernel.opener)
+        lookup = devices.by_pci_path(pci.parse("10/00"), str(sysfs))
+        task = asyncio.create_task(devices.wait_for_disk(lookup, 10.0, monitor, sysfs=str(sysfs)))
+        await asyncio.sleep(0.3)
+        assert not task.done()  # found the directory, but it is not a disk yet
+        (disk / "dev").write_text("254:16\n")
+        kernel.emit(ADD_VDB)
+        found = await task
+        monitor.close()
+        return found
+
+    found = run(main())
+    kernel.close()
+    assert found.disk == "vdb"
+
+
 def test_timeout_names_what_was_expected_and_what_was_seen(tmp_path: Path) -> None:
     sysfs = make_sysfs(tmp_path)
     kernel = FakeKernel()

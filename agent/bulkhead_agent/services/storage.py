@@ -85,6 +85,9 @@ async def _call(context: grpc.aio.ServicerContext, work: Awaitable[T], shield: b
     except Failure as exc:
         await context.abort(grpc.StatusCode[exc.code], exc.message)
         raise
+    except OSError as exc:  # one the steps did not foresee: say what, not "Unexpected <class>"
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise
 
 
 async def _now(fn, *args):  # type: ignore[no-untyped-def]

@@ -74,6 +74,14 @@ def by_name(name: str, sysfs: str = "/sys") -> Lookup:
     return Lookup(f"disk {name}", find)
 
 
+def _ready(disk: str, sysfs: str) -> bool:
+    try:
+        blockdevs.device_number(disk, sysfs)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 async def wait_for_disk(
     lookup: Lookup,
     timeout_s: float,
@@ -95,7 +103,11 @@ async def wait_for_disk(
             wake.clear()
             disk, device_dir, progress = lookup.find()
             if disk is not None:
-                return Found(disk, device_dir, time.monotonic() - started)
+                # The kernel makes the block directory before its attributes, and the "add"
+                # uevent follows them: until "dev" is there, the disk cannot be opened yet.
+                if _ready(disk, sysfs):
+                    return Found(disk, device_dir, time.monotonic() - started)
+                progress = f"{progress}; disk {disk} is there but not ready (no dev number yet)"
             now = time.monotonic()
             if now >= deadline:
                 break
