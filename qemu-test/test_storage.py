@@ -22,7 +22,7 @@ import pytest
 
 from bulkhead import Sandbox
 from bulkhead import rootfs_image as images
-from bulkhead.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from bulkhead.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, SandboxError
 from bulkhead.hotplug import ports
 from bulkhead.qmp import Qmp
 from bulkhead.sandbox_storage import find_virtiofsd
@@ -35,11 +35,15 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def sb(image, state_dir: Path) -> Iterator[Sandbox]:
+def sb(image, state_dir: Path, work: Path) -> Iterator[Sandbox]:
     name = f"storage-{os.getpid() % 10000}"
+    # 9p shares exist only from boot (QEMU cannot add their fsdev later): one container root.
+    ninep_root = busybox_tree(work / "ninep-root")
+    (ninep_root / "etc" / "hello").write_text("hello from a 9p share\n")
     sandbox = Sandbox.up(
         name, image=image.path, memory_mib=512, cpus=2, state_dir=state_dir,
         hotplug_ports=10, shared_memory=True, pmem_slots=1,
+        ninep_shares=[f"{ninep_root}:ninep"],
     )  # fmt: skip
     try:
         yield sandbox
@@ -336,11 +340,33 @@ def test_virtio_fs_share(sb: Sandbox, work: Path) -> None:
     sb.remove_share("share")
 
 
-def test_9p_is_the_known_gap_and_says_so(sb: Sandbox) -> None:
-    # Debian's cloud kernel is built without 9p (README, "Known gaps"): the agent must say
-    # that, not time out or mount something else.
-    with pytest.raises(FailedPrecondition, match="no 9p filesystem"):
-        sb.storage.add("nine", "9p", tag="whatever", timeout=1.0)
+def test_container_root_filesystem_from_a_9p_share(sb: Sandbox, work: Path) -> None:
+    root = work / "ninep-root"
+    info = sb.add_9p("ninep")
+    assert (info.driver, info.fstype, info.read_only) == ("9p", "9p", False)
+    script = "cat /etc/hello; echo changed > /etc/hello; cat /etc/hello; ls /bin/busybox"
+    out, err, code = run(sb, ["sh", "-c", script], rootfs_storage="ninep")
+    assert (code, err) == (0, b""), err
+    assert out == b"hello from a 9p share\nchanged\n/bin/busybox\n"
+    # The container's writable layer is its own: the shared directory is as it was.
+    assert (root / "etc" / "hello").read_text() == "hello from a 9p share\n"
+    # The same root by its guest path, from the CLI (README, "Storage").
+    cli = subprocess.run(
+        [sys.executable, "-m", "bulkhead.cli", "--state-dir", str(sb.paths.dir.parent),
+         "run", "--rm", "--sandbox", sb.name, "--rootfs", f"guest:{info.mount_point}",
+         "--", "cat", "/etc/hello"],
+        capture_output=True, timeout=RUN_DEADLINE,
+    )  # fmt: skip
+    assert (cli.returncode, cli.stdout) == (0, b"hello from a 9p share\n"), cli.stderr
+    sb.storage.remove("ninep")
+
+
+def test_9p_shares_come_only_from_boot_and_unknown_tags_fail_clearly(sb: Sandbox) -> None:
+    with pytest.raises(SandboxError, match=r"no 9p share 'other'.*given at boot: ninep"):
+        sb.add_9p("other")
+    # Straight to the agent, a tag the guest has no device for times out naming it.
+    with pytest.raises(DeadlineExceeded, match="9p share with tag 'missing'"):
+        sb.storage.add("nine", "9p", tag="missing", timeout=1.0)
 
 
 # --- the CLI ----------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import pytest
 
 from bulkhead import hotplug
 from bulkhead.cli_storage import RunStorage, parse_mapping
-from bulkhead.errors import BulkheadError
+from bulkhead.errors import BulkheadError, SandboxError
 from bulkhead.qemu import QemuConfig, build_command, hotplug_pci_path, hotplug_port_id
 from bulkhead.qmp import Qmp
+from bulkhead.sandbox_storage import NinePShare, check_ninep_shares
 from bulkhead.storage import storage_spec, volume
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,6 +48,39 @@ def test_hotplug_limits_and_shared_memory() -> None:
     cmd = build_command(config(shared_memory=True, memory_mib=256), vhost_vsock=False)
     assert "memory-backend-memfd,id=ram,size=256M,share=on" in cmd
     assert cmd[cmd.index("-numa") + 1] == "node,memdev=ram"
+
+
+def test_9p_shares_are_fsdevs_with_devices_from_boot(tmp_path: Path) -> None:
+    shares = (("data", "/srv/da,ta", False), ("ro", "/srv/ro", True))
+    cfg = config(ninep_shares=shares)
+    cmd = build_command(cfg, vhost_vsock=False)
+    fsdevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-fsdev"]
+    assert fsdevs == [
+        "local,id=bh9p0,path=/srv/da,,ta,security_model=passthrough",  # commas doubled
+        "local,id=bh9p1,path=/srv/ro,security_model=passthrough,readonly=on",
+    ]
+    assert "virtio-9p-pci,fsdev=bh9p1,mount_tag=ro" in cmd
+    # Through the sandbox's state file and back.
+    assert QemuConfig.from_dict(cfg.to_dict()).ninep_shares == shares
+
+
+def test_9p_share_options_parse_and_check(tmp_path: Path) -> None:
+    assert NinePShare.parse("/a/b:tag") == NinePShare("/a/b", "tag")
+    assert NinePShare.parse("/a:b:tag:ro") == NinePShare("/a:b", "tag", readonly=True)
+    with pytest.raises(SandboxError, match="HOSTDIR:TAG"):
+        NinePShare.parse("nodir")
+    (tmp_path / "d").mkdir()
+    checked = check_ninep_shares([f"{tmp_path}/./d:one", NinePShare(str(tmp_path), "two")])
+    assert [(s.host_dir, s.tag) for s in checked] == [
+        (str(tmp_path / "d"), "one"),
+        (str(tmp_path), "two"),
+    ]
+    with pytest.raises(SandboxError, match="not a directory"):
+        check_ninep_shares([f"{tmp_path}/missing:x"])
+    with pytest.raises(SandboxError, match="tag"):
+        check_ninep_shares([f"{tmp_path}:bad tag"])
+    with pytest.raises(SandboxError, match="must differ"):
+        check_ninep_shares([f"{tmp_path}:x", f"{tmp_path}/d:x"])
 
 
 @pytest.fixture

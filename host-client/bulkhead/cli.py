@@ -113,6 +113,14 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     p.add_argument(
         "--pmem-slots", type=int, default=0, metavar="N", help="memory slots for virtio-pmem"
     )
+    p.add_argument(
+        "--9p",
+        dest="ninep",
+        action="append",
+        default=[],
+        metavar="HOSTDIR:TAG[:ro]",
+        help="share a host directory over 9p from boot (mount it: storage add-9p)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_up)
     p = sandbox.add_parser("ls", help="list sandboxes (and clean up dead ones)")
@@ -213,6 +221,7 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
         hotplug_ports=args.hotplug_ports,
         shared_memory=args.shared_memory,
         pmem_slots=args.pmem_slots,
+        ninep_shares=args.ninep,
         **cli_network.up_kwargs(args),
     )
     info = sb.status()

@@ -53,6 +53,17 @@ def add_parsers(groups: Any) -> None:
     q.add_argument("sandbox")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_storage_ls)
+    q = p.add_parser("add-9p", help="mount a 9p share given at boot (sandbox up --9p)")
+    q.add_argument("sandbox")
+    q.add_argument("tag")
+    q.add_argument("--id", dest="storage_id", metavar="ID", help="storage id (default: the tag)")
+    q.add_argument("--read-only", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_storage_add_9p)
+    q = p.add_parser("rm", help="unmount a storage (disks: disk rm, which also unplugs)")
+    q.add_argument("sandbox")
+    q.add_argument("storage_id", metavar="ID")
+    q.set_defaults(func=cmd_storage_rm)
 
     p = groups.add_parser("disk", help="hot-plug disks").add_subparsers(metavar="COMMAND")
     q = p.add_parser("add", help="hot-plug a disk image and mount it in the guest")
@@ -276,6 +287,26 @@ def cmd_storage_ls(args: argparse.Namespace) -> int:
             )
         )
     _table(rows)
+    return 0
+
+
+def cmd_storage_add_9p(args: argparse.Namespace) -> int:
+    from .cli import _print_json
+
+    sandbox = Sandbox.get(args.sandbox, state_dir=args.state_dir)
+    with contextlib.closing(sandbox):
+        info = sandbox.add_9p(args.tag, args.storage_id, readonly=args.read_only)
+    if args.json:
+        _print_json(info.to_dict())
+    else:
+        print(f"{info.storage_id}: 9p share {args.tag!r} on {info.mount_point}")
+    return 0
+
+
+def cmd_storage_rm(args: argparse.Namespace) -> int:
+    sandbox = Sandbox.get(args.sandbox, state_dir=args.state_dir)
+    with contextlib.closing(sandbox):
+        sandbox.storage.remove(args.storage_id)
     return 0
 
 

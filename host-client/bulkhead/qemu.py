@@ -72,6 +72,9 @@ class QemuConfig:
     # Memory-device slots (hot-plugged virtio-pmem) and the address space they may fill.
     memory_slots: int = 0
     max_memory_mib: int = 0
+    # 9p shares from boot, as (tag, host directory, read-only). Boot only: QEMU (7.2) has no
+    # QMP command that creates the fsdev a virtio-9p device needs, so these cannot come later.
+    ninep_shares: tuple[tuple[str, str, bool], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -79,7 +82,7 @@ class QemuConfig:
             if isinstance(value, Path):
                 out[key] = str(value)
             elif isinstance(value, tuple):
-                out[key] = list(value)
+                out[key] = [list(v) if isinstance(v, tuple) else v for v in value]
         return out
 
     @classmethod
@@ -93,6 +96,8 @@ class QemuConfig:
                 value = Path(value)
             elif f.name == "extra_args":
                 value = tuple(value)
+            elif f.name == "ninep_shares":
+                value = tuple((str(t), str(d), bool(ro)) for t, d, ro in value)
             values[f.name] = value
         return cls(**values)
 
@@ -127,7 +132,7 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
         raise ValueError(f"hot-plug needs the q35 machine (PCIe), not {cfg.machine}")
 
     # microvm has no PCI: the same devices come as virtio-mmio (the guest
-    # kernel then needs virtio_mmio, a module in Debian's cloud kernel).
+    # kernel then needs virtio_mmio, a module in Debian's kernel).
     def virtio(kind: str) -> str:
         return f"{kind}-pci" if cfg.machine == "q35" else f"{kind}-device"
 
@@ -189,6 +194,12 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
         ]
     if vhost_vsock and cfg.vsock_cid is not None:
         cmd += ["-device", f"{virtio('vhost-vsock')},guest-cid={cfg.vsock_cid}"]
+    for index, (tag, host_dir, readonly) in enumerate(cfg.ninep_shares):
+        # QEMU's own 9p server; passthrough keeps owners and modes as they are on the host
+        # (a container root filesystem needs its root-owned files), which needs QEMU as root.
+        fsdev = f"local,id=bh9p{index},path={_opt(host_dir)},security_model=passthrough"
+        cmd += ["-fsdev", fsdev + (",readonly=on" if readonly else "")]
+        cmd += ["-device", f"{virtio('virtio-9p')},fsdev=bh9p{index},mount_tag={_opt(tag)}"]
     # Entropy from the host, so the guest's getrandom() is ready early.
     cmd += ["-device", virtio("virtio-rng")]
     for port in range(cfg.hotplug_ports):

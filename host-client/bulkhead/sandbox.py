@@ -49,7 +49,7 @@ from .sandbox_network import (
     prepare_nics,
     resolve_network,
 )
-from .sandbox_storage import SandboxStorage
+from .sandbox_storage import NinePShare, SandboxStorage, check_ninep_shares
 from .state import (
     SandboxInfo,
     SandboxPaths,
@@ -152,6 +152,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
         hotplug_ports: int = DEFAULT_HOTPLUG_PORTS,
         shared_memory: bool = False,
         pmem_slots: int = 0,
+        ninep_shares: Iterable[NinePShare | str] = (),
         nics: Iterable[Any] = (),
         publish: Iterable[str] = (),
         network: Any = None,
@@ -167,6 +168,8 @@ class Sandbox(SandboxStorage, SandboxNetwork):
         take hot-plugged disks and shares (``add_disk``, ``add_share``);
         ``shared_memory`` is what virtio-fs shares need (``add_share``);
         ``pmem_slots`` memory-device slots take virtio-pmem images (``add_pmem``).
+        ``ninep_shares`` host directories shared over 9p (``NinePShare``s or
+        ``"HOSTDIR:TAG[:ro]"``), mounted with ``add_9p(TAG)``.
         ``nics`` are virtio-net NICs from boot (``"user"``, ``"tap,netns=NS"``, ``Nic``s;
         see ``bulkhead.nics``), ``publish`` host ports forwarded to the guest
         (``"8080:80"``, on the first user-mode NIC, one added if needed), and ``network``
@@ -179,6 +182,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
         if memory_mib < 64 or cpus < 1:
             raise SandboxError(f"need at least 64 MiB and 1 CPU, not {memory_mib} MiB, {cpus}")
         _refuse_live(paths)
+        shares_9p = check_ninep_shares(ninep_shares)
         boot_nics = prepare_nics(name, nics, publish)
         network_spec = resolve_network(network, boot_nics)  # a bad spec fails before booting
         img = _load_image(image)
@@ -220,6 +224,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
                 shared_memory=shared_memory,
                 memory_slots=pmem_slots,
                 max_memory_mib=memory_mib + PMEM_ADDRESS_SPACE_MIB if pmem_slots else 0,
+                ninep_shares=tuple((s.tag, s.host_dir, s.readonly) for s in shares_9p),
             ).with_accel(choice)
             paths.dir.mkdir(mode=0o700)
             # Held from now until the monitor exits: this is what "alive" means.

@@ -3,7 +3,9 @@
 ``add_disk`` plugs an image in through QMP (``hotplug``) and has the agent find and mount it
 (``storage``); ``remove_disk`` undoes both, in the other order. ``add_share`` starts a
 ``virtiofsd`` for a host directory, plugs a ``vhost-user-fs-pci`` device in and has the agent
-mount it by tag. What a container then sees comes from ``rootfs_storage=`` and ``volumes=``.
+mount it by tag. ``add_9p`` mounts a 9p share given at boot (``Sandbox.up(ninep_shares=)``):
+QEMU cannot create a 9p share's fsdev once it runs. What a container then sees comes from
+``rootfs_storage=`` and ``volumes=``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,43 @@ def find_virtiofsd() -> str | None:
         if found and os.access(found, os.X_OK):
             return found
     return None
+
+
+@dataclass(frozen=True)
+class NinePShare:
+    """A host directory the guest sees as a 9p share from boot, under ``tag``."""
+
+    host_dir: str
+    tag: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> NinePShare:
+        """``HOSTDIR:TAG`` or ``HOSTDIR:TAG:ro`` (the CLI's ``--9p``)."""
+        parts = text.rsplit(":", 2) if text.endswith(":ro") else text.rsplit(":", 1)
+        if len(parts) < 2 or not parts[0]:
+            raise SandboxError(f"9p share {text!r}: expected HOSTDIR:TAG[:ro]")
+        return cls(parts[0], parts[1], readonly=len(parts) == 3)
+
+    def checked(self) -> NinePShare:
+        """This share with its directory made absolute; SandboxError if it cannot be shared."""
+        try:
+            hotplug.check_name(self.tag)
+        except hotplug.HotplugError as exc:
+            raise SandboxError(f"9p share tag: {exc}") from None
+        source = Path(self.host_dir).resolve()
+        if not source.is_dir():
+            raise SandboxError(f"9p share {self.host_dir}: not a directory")
+        return replace(self, host_dir=str(source))
+
+
+def check_ninep_shares(shares: Iterable[NinePShare | str]) -> list[NinePShare]:
+    """Checked shares for ``Sandbox.up``; their tags must differ."""
+    out = [(NinePShare.parse(s) if isinstance(s, str) else s).checked() for s in shares]
+    tags = [share.tag for share in out]
+    if len(set(tags)) != len(tags):
+        raise SandboxError(f"9p share tags must differ: {', '.join(tags)}")
+    return out
 
 
 class SandboxStorage:
@@ -216,6 +255,38 @@ class SandboxStorage:
     def remove_pmem(self, storage_id: str) -> None:
         """Unmount a pmem storage; the device stays plugged in (see ``add_pmem``)."""
         self.storage.remove(storage_id)
+
+    # -- 9p shares (from boot) --
+
+    def add_9p(
+        self,
+        tag: str,
+        storage_id: str | None = None,
+        *,
+        readonly: bool = False,
+        mount_point: str = "",
+        timeout: float = DEVICE_TIMEOUT,
+    ) -> StorageInfo:
+        """Mount the 9p share ``tag`` given at boot; its storage (id: the tag unless named).
+
+        A share given read-only at boot is always mounted read-only.
+        """
+        qemu = self.status().state.get("qemu", {})
+        given = {t: bool(ro) for t, _, ro in qemu.get("ninep_shares", [])}
+        if tag not in given:
+            known = ", ".join(sorted(given)) or "none"
+            raise SandboxError(
+                f"sandbox {self.paths.name!r} has no 9p share {tag!r} (given at boot: {known}); "
+                "9p shares come only at boot: sandbox up --9p HOSTDIR:TAG"
+            )
+        return self.storage.add(
+            storage_id or tag,
+            "9p",
+            tag=tag,
+            options=["ro"] if readonly or given[tag] else [],
+            mount_point=mount_point,
+            timeout=timeout,
+        )
 
     # -- virtio-fs shares --
 

@@ -36,7 +36,8 @@ WANTED_MODULES: tuple[str, ...] = (
     "nd_pmem",
     "virtio_pmem",
     "loop",
-    # file systems: container rootfs layers and shared directories
+    # file systems: disks, container rootfs layers and shared directories
+    "ext4",
     "overlay",
     "erofs",
     "squashfs",
@@ -53,9 +54,9 @@ WANTED_MODULES: tuple[str, ...] = (
     "virtio_balloon",
 )
 
-# Wanted but allowed to be absent: Debian's 6.1 cloud kernel is built without 9p
-# (CONFIG_NET_9P is not set); virtio-fs is the preferred share anyway.
-OPTIONAL_MODULES: frozenset[str] = frozenset({"9pnet", "9pnet_virtio", "9p"})
+# Wanted but allowed to be absent (a kernel that lacks them still boots; what needs them says
+# so). None now: the generic flavour has all of the above.
+OPTIONAL_MODULES: frozenset[str] = frozenset()
 
 _SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
