@@ -29,6 +29,9 @@ def test_agent_serves_and_describes_the_guest(sandbox: Sandbox, image) -> None:
     assert d.cgroup_version == 2
     assert d.kernel_release == image.manifest["kernel_release"]
     assert set(d.kernel_modules) >= WANTED_MODULES
+    # Every module the image carries loaded: one that fails (a missing soft dependency, say)
+    # takes a filesystem or a device with it.
+    assert set(d.kernel_modules) >= set(image.manifest["modules"])
     assert d.agent_restarts == 0
     assert "serial" in d.features
     # The boot timeline is measured in the guest, from kernel start.

@@ -29,6 +29,12 @@ WANTED_MODULES: tuple[str, ...] = (
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "vsock_loopback",
+    # checksums that ext4, libcrc32c (erofs) and t10-pi (sd) ask the crypto API for by name
+    # at run time: no symbol dependency, so modules.dep cannot tell; built in on the cloud
+    # flavour, modules on the generic one, and without them ext4 mounts fail with ENOENT
+    "crc32c_generic",
+    "crct10dif_generic",
+    "crc64_rocksoft_generic",
     # storage: hot-plugged disks (blk, scsi + sd), pmem/DAX images, loop-mounted images
     "virtio_blk",
     "virtio_scsi",
