@@ -323,6 +323,22 @@ def test_an_oci_image_made_by_umoci_becomes_a_working_container(sb: Sandbox, wor
 # --- shares --------------------------------------------------------------------------------------
 
 
+def test_a_debian_root_made_by_mmdebstrap_becomes_a_working_container(
+    sb: Sandbox, work: Path
+) -> None:
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap is not installed (scripts/bootstrap.sh installs it)")
+    image = images.build(work / "debian.erofs", debian_suite="bookworm", fmt="erofs").path
+    sb.add_disk(image, "debian", readonly=True, timeout=DEVICE_DEADLINE)
+    script = "cat /etc/debian_version; dpkg-query -W -f='${Package} ${Status}\\n' dash"
+    out, err, code = run(sb, ["sh", "-c", script], rootfs_storage="debian")
+    assert (code, err) == (0, b""), err
+    version, dash = out.decode().splitlines()
+    assert version.startswith("12."), version
+    assert dash == "dash install ok installed"
+    sb.remove_disk("debian")
+
+
 def test_virtio_fs_share(sb: Sandbox, work: Path) -> None:
     if find_virtiofsd() is None:
         pytest.skip("no virtiofsd on this host")
