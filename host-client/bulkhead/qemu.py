@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .vhost_vsock.qemu_args import device_args as vhost_user_vsock_args
+
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -63,6 +65,9 @@ class QemuConfig:
     qmp_socket: Path | None = None
     # Guest CID for vhost-vsock; used only where /dev/vhost-vsock exists.
     vsock_cid: int | None = None
+    # Or a vhost-user-vsock device served by the userspace backend listening here
+    # (bulkhead.vhost_vsock; the backend holds the guest CID). Needs shared_memory.
+    vhost_user_vsock_socket: Path | None = None
     binary: str = QEMU_BINARY
     extra_args: tuple[str, ...] = ()
     # Empty PCIe root ports to hot-plug disks and shares into (q35 only).
@@ -192,7 +197,12 @@ def build_command(cfg: QemuConfig, *, vhost_vsock: bool) -> list[str]:
             "-mon",
             "chardev=qmp,mode=control",
         ]
-    if vhost_vsock and cfg.vsock_cid is not None:
+    if cfg.vhost_user_vsock_socket is not None:
+        # A guest has one vsock transport: the backend, when one is configured, replaces vhost.
+        if not cfg.shared_memory:
+            raise ValueError("a vhost-user vsock device needs shared_memory (the backend maps RAM)")
+        cmd += vhost_user_vsock_args(cfg.vhost_user_vsock_socket, machine=cfg.machine)
+    elif vhost_vsock and cfg.vsock_cid is not None:
         cmd += ["-device", f"{virtio('vhost-vsock')},guest-cid={cfg.vsock_cid}"]
     for index, (tag, host_dir, readonly) in enumerate(cfg.ninep_shares):
         # QEMU's own 9p server; passthrough keeps owners and modes as they are on the host
