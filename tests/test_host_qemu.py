@@ -13,6 +13,7 @@ from bulkhead.qemu import (
     QemuConfig,
     build_command,
     choose_accel,
+    choose_transport,
     kernel_cmdline,
     load_verdict,
     probe_kvm,
@@ -83,6 +84,48 @@ def test_vsock_only_where_the_host_has_vhost_vsock(tmp_path: Path, vhost_vsock: 
     cmd = build_command(config(tmp_path, vsock_cid=9), vhost_vsock=vhost_vsock)
     vsock = [d for d in option(cmd, "-device") if "vsock" in d]
     assert vsock == (["vhost-vsock-pci,guest-cid=9"] if vhost_vsock else [])
+
+
+def test_a_vhost_user_vsock_device_replaces_vhost_and_needs_shared_memory(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "vhost-vsock.sock"
+    cmd = build_command(
+        config(tmp_path, vhost_user_vsock_socket=sock, shared_memory=True), vhost_vsock=True
+    )
+    assert [d for d in option(cmd, "-device") if "vsock" in d] == [
+        "vhost-user-vsock-pci,chardev=bh-vsock"
+    ]
+    assert f"socket,id=bh-vsock,path={sock}" in option(cmd, "-chardev")
+    assert any("share=on" in o for o in option(cmd, "-object"))
+    with pytest.raises(ValueError, match="shared_memory"):
+        build_command(config(tmp_path, vhost_user_vsock_socket=sock), vhost_vsock=False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "vhost", "chosen"),
+    [
+        ("auto", True, "vhost-vsock"),
+        ("auto", False, "serial"),
+        ("vsock", True, "vhost-vsock"),
+        ("vsock", False, "vhost-user-vsock"),
+        ("vhost-user-vsock", True, "vhost-user-vsock"),
+        ("serial", True, "serial"),
+    ],
+)
+def test_transport_choice(requested: str, vhost: bool, chosen: str) -> None:
+    assert choose_transport(requested, vhost=vhost) == chosen
+
+
+def test_transport_from_the_environment_and_bad_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BULKHEAD_TRANSPORT", "vsock")
+    assert choose_transport(None, vhost=False) == "vhost-user-vsock"
+    assert choose_transport("serial", vhost=False) == "serial"  # an explicit one wins
+    monkeypatch.setenv("BULKHEAD_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(ValueError, match="transport must be one of .*'carrier-pigeon'"):
+        choose_transport(None, vhost=False)
+    with pytest.raises(ValueError, match="/dev/vhost-vsock"):
+        choose_transport("vhost-vsock", vhost=False)
 
 
 def test_no_vsock_without_a_cid(tmp_path: Path) -> None:

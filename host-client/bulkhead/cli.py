@@ -17,7 +17,7 @@ from typing import Any
 
 from . import cli_containers, cli_metrics, cli_network, cli_storage
 from .errors import BulkheadError, ImageNotFound
-from .qemu import ACCELS
+from .qemu import ACCELS, TRANSPORT_CHOICES
 from .sandbox import DEFAULT_HOTPLUG_PORTS, Sandbox, SandboxDetails
 
 MiB = 1024 * 1024
@@ -99,6 +99,7 @@ def _parser(command_nargs: Any = argparse.REMAINDER) -> argparse.ArgumentParser:
     p.add_argument("--accel", choices=ACCELS, default="auto", help="default: auto (probe KVM)")
     p.add_argument("--boot-timeout", type=float, default=120.0, metavar="S", help="default: 120")
     p.add_argument("--debug-console", action="store_true", help="a shell on the guest console")
+    add_transport_option(p)
     cli_network.add_up_options(p)
     p.add_argument(
         "--hotplug-ports",
@@ -208,6 +209,17 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
 # -- sandbox --
 
 
+def add_transport_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORT_CHOICES,
+        default=None,
+        help="the agent's channel: auto (vhost-vsock if the host has it, else serial; "
+        "$BULKHEAD_TRANSPORT overrides), vsock (the userspace backend without vhost-vsock), "
+        "serial, or a mode by name",
+    )
+
+
 def cmd_sandbox_up(args: argparse.Namespace) -> int:
     sb = Sandbox.up(
         args.name,
@@ -222,6 +234,7 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
         shared_memory=args.shared_memory,
         pmem_slots=args.pmem_slots,
         ninep_shares=args.ninep,
+        transport=args.transport,
         **cli_network.up_kwargs(args),
     )
     info = sb.status()
@@ -231,7 +244,8 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
         return 0
     print(
         f"sandbox {info.name} is up: agent ready after {sb.boot_seconds:.1f} s "
-        f"({info.accel}, {info.memory_mib} MiB, {_cpus(info.cpus)}, qemu pid {info.qemu_pid})"
+        f"({info.accel}, {info.memory_mib} MiB, {_cpus(info.cpus)}, agent over {info.transport}, "
+        f"qemu pid {info.qemu_pid})"
     )
     return 0
 

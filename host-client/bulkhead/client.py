@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 # Without these, a channel that failed once (the sandbox still booting) backs
-# off for up to two minutes before it dials again.
+# off for up to two minutes before it dials again. The minimum is also gRPC's
+# connect timeout (until the server's SETTINGS frame): a handshake through the
+# relay and a vsock or serial channel to an emulated guest takes far more than
+# the retry interval when many connect at once, so it keeps gRPC's 20 s.
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 20000),
     ("grpc.max_reconnect_backoff_ms", 1000),
     # Each client gets its own connection (and so its own agent session)
     # instead of sharing one with every channel to the same target.

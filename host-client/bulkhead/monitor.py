@@ -2,10 +2,12 @@
 
 One process per sandbox, detached from whoever started it. It runs QEMU as its
 child (in its own process group), checks it through QMP, opens the agent
-channel (AF_VSOCK when QEMU got a vsock device, else the virtio-serial mux) and
-serves it on ``agent.sock`` through a ``UnixRelay``, so any number of host
-clients can talk to the agent at once. It keeps ``state.json`` current, asks
-QEMU to quit on SIGTERM, and exits when QEMU does, removing its sockets.
+channel (AF_VSOCK through the kernel's vhost-vsock; hybrid vsock through the
+userspace vhost-user-vsock backend, which it starts before QEMU and stops after
+it; or the virtio-serial mux) and serves it on ``agent.sock`` through a
+``UnixRelay``, so any number of host clients can talk to the agent at once. It
+keeps ``state.json`` current, asks QEMU to quit on SIGTERM, and exits when QEMU
+does, removing its sockets.
 
 ``Sandbox.up`` writes ``state.json`` (with the QEMU configuration) and the
 locked ``monitor.lock`` before starting it; the lock is held for the monitor's
@@ -31,31 +33,41 @@ import psutil
 
 from .nics import Nic
 from .nics import boot_args as nic_boot_args
-from .qemu import QemuConfig, build_command, vhost_vsock_available
+from .qemu import (
+    VIA_SERIAL,
+    VIA_VHOST_USER,
+    VIA_VHOST_VSOCK,
+    QemuConfig,
+    build_command,
+    vhost_vsock_available,
+)
 from .qmp import Qmp
 from .relay import UnixRelay
 from .state import SandboxPaths, read_state, update_state
-from .transport import SerialMuxTransport, Transport, VsockTransport
+from .transport import HybridVsockTransport, SerialMuxTransport, Transport, VsockTransport
 
 log = logging.getLogger("bulkhead.monitor")
 
 QMP_READY_TIMEOUT = 15.0
 QUIT_GRACE = 5.0
 RELAY_CONNECT_TIMEOUT = 30.0
+BACKEND_READY_TIMEOUT = 15.0
+AGENT_VSOCK_PORT = 1024
 
 
 class Monitor:
     def __init__(self, paths: SandboxPaths) -> None:
         self.paths = paths
         self.qemu: subprocess.Popen[bytes] | None = None
+        self.backend: subprocess.Popen[bytes] | None = None  # the vhost-user-vsock backend
         self.stopping = threading.Event()
         self._stop_thread: threading.Thread | None = None
 
     def run(self) -> int:
         state = read_state(self.paths)
         cfg = QemuConfig.from_dict(state["qemu"])
-        vsock = bool(state.get("vsock")) and cfg.vsock_cid is not None and vhost_vsock_available()
-        cmd = build_command(cfg, vhost_vsock=vsock)
+        via = _transport(state, cfg)
+        cmd = build_command(cfg, vhost_vsock=via == VIA_VHOST_VSOCK)
         # The NICs from boot; a tap's device is opened here, in its namespace, and QEMU
         # inherits the descriptor (nics.boot_args).
         boot_nics = [Nic.from_dict(d) for d in state.get("nics", [])]
@@ -65,6 +77,12 @@ class Monitor:
         if self.stopping.is_set():
             _close_all(nic_fds)
             return self._finish(None)
+        if via == VIA_VHOST_USER:
+            try:
+                self._start_backend(cfg)
+            except BaseException:
+                _close_all(nic_fds)
+                raise
         # QEMU's own messages (e.g. "KVM internal error") go to monitor.log.
         try:
             self.qemu = subprocess.Popen(
@@ -84,16 +102,19 @@ class Monitor:
             qemu_pid=self.qemu.pid,
             qemu_started=started,
             qemu_command=cmd,
-            vsock=vsock,
+            vsock=via != VIA_SERIAL,
+            transport=via,
         )
         if self.stopping.is_set():  # SIGTERM arrived while QEMU was starting
             self._request_stop()
         self._check_qmp()
 
         transport: Transport
-        if vsock:
+        if via == VIA_VHOST_VSOCK:
             assert cfg.vsock_cid is not None
-            transport = VsockTransport(cfg.vsock_cid)
+            transport = VsockTransport(cfg.vsock_cid, AGENT_VSOCK_PORT)
+        elif via == VIA_VHOST_USER:
+            transport = HybridVsockTransport(self.paths.vsock_uds, AGENT_VSOCK_PORT)
         else:
             transport = SerialMuxTransport(self.paths.serial_sock)
         relay = UnixRelay(transport, self.paths.agent_sock, connect_timeout=RELAY_CONNECT_TIMEOUT)
@@ -107,6 +128,57 @@ class Monitor:
             relay.close()
             transport.close()
         return self._finish(code)
+
+    def _start_backend(self, cfg: QemuConfig) -> None:
+        """Start ``bulkhead.vhost_vsock`` and wait for its socket: QEMU connects at startup."""
+        assert cfg.vhost_user_vsock_socket is not None and cfg.vsock_cid is not None
+        for sock in (cfg.vhost_user_vsock_socket, self.paths.vsock_uds):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()  # a dead predecessor's, or the backend cannot bind
+        cmd = [
+            sys.executable,
+            "-m",
+            "bulkhead.vhost_vsock",
+            "--socket",
+            str(cfg.vhost_user_vsock_socket),
+            "--cid",
+            str(cfg.vsock_cid),
+            "--uds-path",
+            str(self.paths.vsock_uds),
+        ]
+        log.info("starting the vsock backend: %s", shlex.join(cmd))
+        # Its own session, like QEMU's: a ^C meant for whoever ran `up` must not reach it.
+        self.backend = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            start_new_session=True,
+        )
+        update_state(self.paths, vsock_backend_pid=self.backend.pid)
+        deadline = time.monotonic() + BACKEND_READY_TIMEOUT
+        while not (cfg.vhost_user_vsock_socket.exists() and self.paths.vsock_uds.exists()):
+            if self.backend.poll() is not None:
+                raise RuntimeError(
+                    f"the vsock backend exited with status {self.backend.returncode}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the vsock backend did not listen within {BACKEND_READY_TIMEOUT}s"
+                )
+            time.sleep(0.02)
+
+    def _stop_backend(self) -> None:
+        backend = self.backend
+        if backend is None or backend.poll() is not None:
+            return
+        backend.terminate()
+        try:
+            backend.wait(QUIT_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("the vsock backend ignored SIGTERM: SIGKILL")
+            backend.kill()
+            backend.wait()
 
     def _check_qmp(self) -> None:
         """Wait until QEMU answers QMP (or exits): proof that it really started."""
@@ -128,6 +200,7 @@ class Monitor:
     def _finish(self, code: int | None) -> int:
         if code is not None:
             log.info("QEMU exited with status %s", code)
+        self._stop_backend()  # after QEMU: it serves the guest's rings until the end
         for sock in self.paths.sockets():
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
@@ -167,6 +240,17 @@ class Monitor:
             log.warning("QEMU still running %ss after quit: SIGKILL", QUIT_GRACE)
             with contextlib.suppress(ProcessLookupError):
                 qemu.kill()
+
+
+def _transport(state: dict, cfg: QemuConfig) -> str:
+    """The channel ``up`` chose; a state from before "transport" existed had only "vsock"."""
+    via = state.get("transport")
+    if via is None:
+        vhost = bool(state.get("vsock")) and cfg.vsock_cid is not None
+        via = VIA_VHOST_VSOCK if vhost else VIA_SERIAL
+    if via == VIA_VHOST_VSOCK and not vhost_vsock_available():
+        raise RuntimeError("the sandbox was made for vhost-vsock, which this host lacks")
+    return via
 
 
 def _close_all(fds: list[int]) -> None:
@@ -229,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if monitor.qemu is not None and monitor.qemu.poll() is None:
             monitor.qemu.kill()
             monitor.qemu.wait()
+        monitor._stop_backend()
         with contextlib.suppress(Exception):
             update_state(paths, status="exited", error="monitor failed; see monitor.log")
         return 1

@@ -271,6 +271,42 @@ def vhost_vsock_available(device: Path = VHOST_VSOCK) -> bool:
     return os.access(device, os.R_OK | os.W_OK)
 
 
+# --- choosing the agent's channel ---------------------------------------------------
+
+# What the monitor reaches the agent through (recorded in state.json as "transport").
+VIA_VHOST_VSOCK = "vhost-vsock"  # the kernel's vhost-vsock: AF_VSOCK on the host
+VIA_VHOST_USER = "vhost-user-vsock"  # bulkhead.vhost_vsock: hybrid vsock unix sockets
+VIA_SERIAL = "serial"  # the virtio-serial port with bulkhead_proto.mux on it
+TRANSPORTS = (VIA_VHOST_VSOCK, VIA_VHOST_USER, VIA_SERIAL)
+TRANSPORT_CHOICES = ("auto", "vsock", *TRANSPORTS)
+
+
+def choose_transport(requested: str | None = None, *, vhost: bool | None = None) -> str:
+    """The channel for ``requested``: ``"auto"`` (the default, or ``$BULKHEAD_TRANSPORT``),
+    ``"vsock"``, or one of ``TRANSPORTS`` by name.
+
+    ``auto`` is the kernel's vhost-vsock where ``/dev/vhost-vsock`` exists and the
+    virtio-serial port elsewhere; ``vsock`` is vsock in any case, through the
+    userspace backend where the kernel has none. Asking for ``vhost-vsock`` on a
+    host without it is a ``ValueError`` (QEMU would fail later, less clearly).
+    """
+    requested = requested or os.environ.get("BULKHEAD_TRANSPORT") or "auto"
+    if requested not in TRANSPORT_CHOICES:
+        choices = ", ".join(TRANSPORT_CHOICES)
+        raise ValueError(f"transport must be one of {choices}, not {requested!r}")
+    have_vhost = vhost_vsock_available() if vhost is None else vhost
+    if requested == "auto":
+        return VIA_VHOST_VSOCK if have_vhost else VIA_SERIAL
+    if requested == "vsock":
+        return VIA_VHOST_VSOCK if have_vhost else VIA_VHOST_USER
+    if requested == VIA_VHOST_VSOCK and not have_vhost:
+        raise ValueError(
+            f"transport {VIA_VHOST_VSOCK!r} needs {VHOST_VSOCK}; "
+            "use 'vsock' for the userspace backend"
+        )
+    return requested
+
+
 # --- choosing the accelerator ------------------------------------------------------
 
 

@@ -40,7 +40,15 @@ from .errors import (
     SandboxExists,
     SandboxNotFound,
 )
-from .qemu import QemuConfig, choose_accel, kernel_cmdline, vhost_vsock_available
+from .qemu import (
+    VIA_SERIAL,
+    VIA_VHOST_USER,
+    VIA_VHOST_VSOCK,
+    QemuConfig,
+    choose_accel,
+    choose_transport,
+    kernel_cmdline,
+)
 from .qmp import Qmp
 from .sandbox_network import (
     SandboxNetwork,
@@ -156,6 +164,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
         nics: Iterable[Any] = (),
         publish: Iterable[str] = (),
         network: Any = None,
+        transport: str | None = None,
     ) -> Sandbox:
         """Boot a sandbox VM and wait until its agent is ready.
 
@@ -175,6 +184,10 @@ class Sandbox(SandboxStorage, SandboxNetwork):
         (``"8080:80"``, on the first user-mode NIC, one added if needed), and ``network``
         the spec applied once the agent is ready (a ``NetworkSpec``, dict or JSON file;
         default: the one the NICs imply; ``False``: none). See ``bulkhead.network``.
+        ``transport`` is the agent's channel (``bulkhead.qemu.choose_transport``):
+        ``"auto"`` (default; ``$BULKHEAD_TRANSPORT`` overrides it), ``"vsock"`` (the
+        kernel's vhost-vsock, else the userspace ``bulkhead.vhost_vsock`` backend, which
+        implies ``shared_memory``), ``"serial"``, or a mode by name.
         """
         root = _root(state_dir)
         paths = SandboxPaths(root / validate_name(name))
@@ -190,8 +203,15 @@ class Sandbox(SandboxStorage, SandboxNetwork):
             choice = choose_accel(accel, kernel=Path(img.kernel), cache_file=root / KVM_PROBE_CACHE)
         except (ValueError, FileNotFoundError) as exc:
             raise SandboxError(str(exc)) from exc
-        vsock = vhost_vsock_available()
+        try:
+            via = choose_transport(transport)
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from exc
+        vsock = via != VIA_SERIAL
+        if via == VIA_VHOST_USER:
+            shared_memory = True  # the backend maps guest RAM to reach the virtqueues
         options: dict[str, object] = {
+            # The serial port stays in every sandbox: the agent's fallback channel.
             "serial_port": "bulkhead.agent",
             # Without a vsock device the agent need not try to listen on one.
             "vsock_port": 1024 if vsock else 0,
@@ -220,6 +240,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
                 serial_socket=paths.serial_sock,
                 qmp_socket=paths.qmp_sock,
                 vsock_cid=_free_cid(root) if vsock else None,
+                vhost_user_vsock_socket=paths.vhost_user_sock if via == VIA_VHOST_USER else None,
                 hotplug_ports=hotplug_ports if machine == "q35" else 0,
                 shared_memory=shared_memory,
                 memory_slots=pmem_slots,
@@ -240,6 +261,7 @@ class Sandbox(SandboxStorage, SandboxNetwork):
                         "image": str(img.path),
                         "accel_reason": choice.reason,
                         "vsock": vsock,
+                        "transport": via,
                         "qemu": cfg.to_dict(),
                         "nics": [nic.to_dict() for nic in boot_nics],
                     },
@@ -312,6 +334,28 @@ class Sandbox(SandboxStorage, SandboxNetwork):
     @property
     def qmp_socket(self) -> Path:
         return self.paths.qmp_sock
+
+    @property
+    def transport(self) -> str:
+        """The agent's channel: ``"vhost-vsock"``, ``"vhost-user-vsock"`` or ``"serial"``."""
+        state = self._state()
+        return state.get("transport") or (VIA_VHOST_VSOCK if state.get("vsock") else VIA_SERIAL)
+
+    def connect_vsock(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A connected stream socket to the guest's vsock ``port``, whichever vsock it has.
+
+        Raises ``SandboxError`` for a serial-only sandbox and ``TransportError`` when
+        nothing in the guest listens on ``port``.
+        """
+        from .transport import HybridVsockTransport, VsockTransport
+
+        via = self.transport
+        if via == VIA_VHOST_USER:
+            return HybridVsockTransport(self.paths.vsock_uds, port).connect(timeout)
+        if via == VIA_VHOST_VSOCK:
+            cid = self._state().get("qemu", {}).get("vsock_cid")
+            return VsockTransport(cid, port).connect(timeout)
+        raise SandboxError(f"sandbox {self.name!r} has no vsock device (transport {via!r})")
 
     @property
     def alive(self) -> bool:

@@ -73,12 +73,28 @@ class SandboxPaths:
     serial_sock = property(lambda self: self.dir / "serial.sock")
     agent_sock = property(lambda self: self.dir / "agent.sock")
     monitor_log = property(lambda self: self.dir / "monitor.log")
+    # The userspace vsock backend (transport "vhost-user-vsock"): QEMU's vhost-user
+    # socket, and the hybrid vsock socket host programs CONNECT through. A guest
+    # connection to host port P reaches "vsock.sock_P" (whoever listens there).
+    vhost_user_sock = property(lambda self: self.dir / "vhost-vsock.sock")
+    vsock_uds = property(lambda self: self.dir / "vsock.sock")
 
     def sockets(self) -> list[Path]:
-        return [self.agent_sock, self.serial_sock, self.qmp_sock, self.console_sock]
+        return [
+            self.agent_sock,
+            self.serial_sock,
+            self.qmp_sock,
+            self.console_sock,
+            self.vhost_user_sock,
+            self.vsock_uds,
+        ]
 
     def check_socket_paths(self) -> None:
-        longest = max(self.sockets(), key=lambda p: len(os.fsencode(p)))
+        # "_4294967295": the longest guest-to-host port socket the backend may name.
+        longest = max(
+            [*self.sockets(), Path(f"{self.vsock_uds}_4294967295")],
+            key=lambda p: len(os.fsencode(p)),
+        )
         if len(os.fsencode(longest)) > _MAX_UNIX_PATH:
             raise SandboxError(
                 f"unix socket path {longest} is longer than {_MAX_UNIX_PATH} bytes: "
@@ -202,6 +218,7 @@ class SandboxInfo:
     accel: str | None = None
     cpu: str | None = None
     vsock_cid: int | None = None
+    transport: str | None = None  # vhost-vsock, vhost-user-vsock or serial
     exit_code: int | None = None
     state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -227,6 +244,7 @@ class SandboxInfo:
             accel=qemu.get("accel"),
             cpu=qemu.get("cpu"),
             vsock_cid=qemu.get("vsock_cid") if state.get("vsock") else None,
+            transport=state.get("transport"),
             exit_code=state.get("exit_code"),
             state=state,
         )
@@ -245,6 +263,7 @@ class SandboxInfo:
             "accel": self.accel,
             "cpu": self.cpu,
             "vsock_cid": self.vsock_cid,
+            "transport": self.transport,
             "exit_code": self.exit_code,
         }
 
