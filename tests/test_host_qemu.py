@@ -122,7 +122,7 @@ def test_transport_from_the_environment_and_bad_names(monkeypatch: pytest.Monkey
     assert choose_transport(None, vhost=False) == "vhost-user-vsock"
     assert choose_transport("serial", vhost=False) == "serial"  # an explicit one wins
     monkeypatch.setenv("BULKHEAD_TRANSPORT", "carrier-pigeon")
-    with pytest.raises(ValueError, match="transport must be one of .*'carrier-pigeon'"):
+    with pytest.raises(ValueError, match=r"transport must be one of .*'carrier-pigeon'"):
         choose_transport(None, vhost=False)
     with pytest.raises(ValueError, match="/dev/vhost-vsock"):
         choose_transport("vhost-vsock", vhost=False)
