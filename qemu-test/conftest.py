@@ -60,12 +60,27 @@ def boot(image, state_dir: Path) -> Iterator[Callable[..., Sandbox]]:
             print(f"cleanup of {sb.name}: {exc}")
 
 
+# The agent's channels every shared-sandbox test runs over: virtio-serial, and vsock
+# (through the userspace vhost-user-vsock backend, as this host has no vhost-vsock).
+# BULKHEAD_QEMU_TRANSPORTS=serial (say) narrows a local run to one.
+TRANSPORTS = os.environ.get("BULKHEAD_QEMU_TRANSPORTS", "serial,vsock").split(",")
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def sandbox(image, state_dir: Path) -> Iterator[Sandbox]:
-    """One sandbox shared by the read-only tests of a module."""
-    name = f"shared-{os.getpid() % 10000}-{int(time.monotonic() * 1000) % 10000}"
-    sb = Sandbox.up(name, image=image.path, memory_mib=512, cpus=2, state_dir=state_dir)
+def sandbox(image, state_dir: Path, transport: str) -> Iterator[Sandbox]:
+    """One sandbox shared by the read-only tests of a module, once per transport."""
+    name = f"shared-{transport[:6]}-{os.getpid() % 10000}-{int(time.monotonic() * 1000) % 10000}"
+    sb = Sandbox.up(
+        name, image=image.path, memory_mib=512, cpus=2, state_dir=state_dir, transport=transport
+    )
     try:
+        expected = ("serial",) if transport == "serial" else ("vhost-user-vsock", "vhost-vsock")
+        assert sb.transport in expected, f"asked for {transport}, got {sb.transport}"
         yield sb
     finally:
         sb.down(timeout=20)
