@@ -13,10 +13,10 @@ import time
 import grpc
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import TRANSPORTS, wait_for
 
 from bulkhead import AgentClient, Sandbox
-from bulkhead.errors import InvalidArgument
+from bulkhead.errors import BulkheadError, InvalidArgument
 
 WANTED_MODULES = {"virtio_console", "vmw_vsock_virtio_transport", "virtio_blk", "overlay"}
 
@@ -34,6 +34,8 @@ def test_agent_serves_and_describes_the_guest(sandbox: Sandbox, image) -> None:
     assert set(d.kernel_modules) >= set(image.manifest["modules"])
     assert d.agent_restarts == 0
     assert "serial" in d.features
+    # The agent listens on vsock exactly when the sandbox has a vsock device.
+    assert ("vsock" in d.features) == (sandbox.transport != "serial")
     # The boot timeline is measured in the guest, from kernel start.
     b = d.boot
     assert 0 < b.init_started_ms < b.agent_started_ms < b.agent_ready_ms
@@ -109,9 +111,50 @@ def test_two_clients_use_one_sandbox_at_once(sandbox: Sandbox) -> None:
     assert counts == [15, 15]
 
 
-def test_init_brings_back_a_killed_agent(boot) -> None:
-    sb = boot("agentkill", debug_console=True)
+def test_many_clients_at_once(sandbox: Sandbox) -> None:
+    # Twelve clients, each its own connection through the relay and the channel, all
+    # handshaking at once and then calling in parallel.
+    errors: list[BaseException] = []
+    done = [0] * 12
+
+    def work(i: int) -> None:
+        try:
+            with AgentClient(sandbox.agent_socket, timeout=60) as client:
+                for _ in range(5):
+                    assert client.guest_details().cpus == 2
+                    done[i] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(done))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert done == [5] * len(done)
+
+
+@pytest.mark.parametrize("channel", TRANSPORTS)
+def test_init_brings_back_a_killed_agent(boot, channel: str) -> None:
+    sb = boot(f"agentkill-{channel}", debug_console=True, transport=channel)
     before = sb.agent.guest_details()
+    # A stream that is open when the agent dies: the guest resets its connection.
+    follower_client = AgentClient(sb.agent_socket, timeout=5)
+    stream = follower_client.events(timeout=300)
+    assert stream.newest_at_start >= 0  # the agent has begun the call: the stream is open
+    stream_end: list[BaseException | None] = []
+
+    def follow() -> None:
+        try:
+            for _ in stream:
+                pass
+            stream_end.append(None)
+        except BaseException as exc:
+            stream_end.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
     # SIGKILL the agent from inside the guest, through the debug console shell.
     sb.console_send(f"kill -9 {before.agent_pid}\n")
 
@@ -121,6 +164,11 @@ def test_init_brings_back_a_killed_agent(boot) -> None:
             return d if d.agent_restarts >= 1 else None
 
     after = wait_for(restarted, 60, "the agent to be restarted by init")
+    # The stream that was open ended with an error (not a hang, not a clean end).
+    follower.join(60)
+    assert stream_end, "the event stream still hangs after the agent died"
+    assert isinstance(stream_end[0], BulkheadError), stream_end
+    follower_client.close()
     assert after.agent_pid != before.agent_pid
     assert after.boot.init_started_ms == pytest.approx(before.boot.init_started_ms)
     assert "agent exited" in sb.console_log()
