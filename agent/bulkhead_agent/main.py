@@ -175,6 +175,13 @@ async def _start_bridges(settings: Settings, log: Logger) -> tuple[list[Bridge],
         if await vsock.start():
             bridges.append(vsock)
             features.append("vsock")
+            if raw_socket_path is not None:
+                # Benchmark only: the raw source on the next vsock port, host CID only
+                # like the agent's (the serial bridge finds it by its magic instead).
+                raw = VsockBridge(settings.vsock_port + 1, raw_socket_path, log)
+                if await raw.start():
+                    bridges.append(raw)
+                    features.append("bench-raw-vsock")
 
     if settings.serial_device or settings.serial_port:
         from bulkhead_agent.bridge.serial import SerialBridge, find_port

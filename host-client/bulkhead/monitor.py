@@ -156,6 +156,7 @@ class Monitor:
             start_new_session=True,
         )
         update_state(self.paths, vsock_backend_pid=self.backend.pid)
+        threading.Thread(target=self._watch_backend, name="vsock-backend", daemon=True).start()
         deadline = time.monotonic() + BACKEND_READY_TIMEOUT
         while not (cfg.vhost_user_vsock_socket.exists() and self.paths.vsock_uds.exists()):
             if self.backend.poll() is not None:
@@ -167,6 +168,15 @@ class Monitor:
                     f"the vsock backend did not listen within {BACKEND_READY_TIMEOUT}s"
                 )
             time.sleep(0.02)
+
+    def _watch_backend(self) -> None:
+        assert self.backend is not None
+        code = self.backend.wait()
+        if self.qemu is not None and self.qemu.poll() is None and not self.stopping.is_set():
+            # QEMU's vhost-user chardev does not reconnect: the agent is out of reach now.
+            log.error("the vsock backend exited with status %s: the agent's channel is gone", code)
+            with contextlib.suppress(Exception):
+                update_state(self.paths, vsock_backend_exit=code)
 
     def _stop_backend(self) -> None:
         backend = self.backend

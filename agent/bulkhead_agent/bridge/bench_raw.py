@@ -9,7 +9,8 @@ sends (they begin with ``PRI * HTTP/2.0``).
 A client sends ``RAW_MAGIC``, a byte count and a newline; it gets that many zero bytes,
 then EOF. They travel the same way container output does (unix socket, bridge, mux,
 virtio-serial, the host's monitor and relay) but skip gRPC and the agent's stdio handling:
-what is left is the channel itself.
+what is left is the channel itself. With vsock the agent also relays its vsock port + 1
+(1025) here, for the host only, so that each transport has its raw baseline.
 """
 
 from __future__ import annotations
