@@ -1,0 +1,237 @@
+"""containerd drives Bulkhead sandboxes through ``containerd-shim-bulkhead-v2``.
+
+Debian's containerd 1.6 and ``ctr``, run privately by ``containerd_support``, are the client:
+each test is what a user of ``ctr`` would type, and checks what they would see, then that
+nothing (shim, QEMU, mounts, sockets, state) is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import containerd_support as cs
+import pytest
+
+from bulkhead import Sandbox
+
+RUNTIME = "io.containerd.bulkhead.v2"
+POD_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or cs.containerd_available() is not None,
+    reason=f"needs root and Debian's containerd: {cs.containerd_available()}",
+)
+
+
+@pytest.fixture(scope="module")
+def ctrd(image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[cs.Containerd]:
+    """A private containerd whose shims boot our image, with their state in test dirs."""
+    short = Path(f"/tmp/bh-ctrd-{os.getpid()}")
+    env = {
+        "BULKHEAD_IMAGE": str(image.path),
+        "BULKHEAD_STATE_DIR": f"/tmp/bh-shsb-{os.getpid()}",
+        "BULKHEAD_SHIM_DIR": f"/tmp/bh-shim-{os.getpid()}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with cs.Containerd(short) as daemon:
+            archive = cs.build_busybox_image(tmp_path_factory.mktemp("oci"))
+            daemon.ref = cs.import_image(daemon, archive)  # type: ignore[attr-defined]
+            yield daemon
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def clean(ctrd: cs.Containerd) -> Iterator[cs.Containerd]:
+    """The test's containerd; afterwards nothing of any container may be left."""
+    yield ctrd
+    assert_nothing_left(ctrd)
+
+
+def assert_nothing_left(ctrd: cs.Containerd, timeout: float = 30.0) -> None:
+    def leftovers() -> list[str]:
+        found = []
+        if ctrd.shims():
+            found.append(f"shims {ctrd.shims()}")
+        if ctrd.containers():
+            found.append(f"containers {ctrd.containers()}")
+        sandboxes = [s.name for s in Sandbox.list()]
+        if sandboxes:
+            found.append(f"sandboxes {sandboxes}")
+        shim_dir = Path(os.environ["BULKHEAD_SHIM_DIR"])
+        if shim_dir.exists() and list(shim_dir.iterdir()):
+            found.append(f"shim state {list(shim_dir.iterdir())}")
+        mounts = [m for m in ctrd.mounts() if "/rootfs" in m]
+        if mounts:
+            found.append(f"mounts {mounts}")
+        qemus = [p for p in _qemu_pids()]
+        if qemus:
+            found.append(f"qemu {qemus}")
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left behind: {left}\n{ctrd.log_tail()}"
+
+
+def _qemu_pids() -> list[int]:
+    state = os.environ["BULKHEAD_STATE_DIR"]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and state.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def run(ctrd: cs.Containerd, cid: str, *command: str, options: tuple[str, ...] = (), **kw):
+    return ctrd.run(ctrd.ref, cid, *command, runtime=RUNTIME, options=options, check=False, **kw)
+
+
+def test_ctr_run_prints_the_output_and_returns_the_exit_code(clean: cs.Containerd) -> None:
+    res = run(clean, "hello", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == b"out\n"
+    assert res.stderr == b"err\n"
+
+
+def test_output_is_lossless_and_stdin_reaches_the_container(clean: cs.Containerd) -> None:
+    big = run(clean, "seq", "seq", "1", "100000")
+    assert big.returncode == 0, big.stderr
+    assert big.stdout == b"".join(b"%d\n" % i for i in range(1, 100001))
+    data = os.urandom(300_000).hex().encode()
+    argv = clean.run_args(clean.ref, "cat", "sh", "-c", "wc -c; exit 0", runtime=RUNTIME)
+    res = clean.ctr(*argv, input=data, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(len(data)).encode()
+
+
+def test_interactive_terminal(clean: cs.Containerd) -> None:
+    main, sub = pty.openpty()
+    argv = clean.run_args(clean.ref, "tty", "sh", runtime=RUNTIME, options=("-t",))
+    proc = clean.ctr_popen(*argv, stdin=sub, stdout=sub, stderr=sub, start_new_session=True)
+    os.close(sub)
+    try:
+        seen = _read_until(main, b"# ", 120)  # busybox sh's root prompt: the terminal works
+        os.write(main, b"tty; echo $((6*7)); exit 5\r")
+        seen += _read_until(main, b"42", 30)
+        assert proc.wait(30) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    assert b"/dev/pts/0" in seen or b"/dev/console" in seen, seen
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} in {seen!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_exec_ps_and_kill_a_running_container(clean: cs.Containerd) -> None:
+    args = clean.run_args(clean.ref, "svc", "sleep", "600", runtime=RUNTIME, rm=False,
+                          options=("-d",))  # fmt: skip
+    clean.ctr(*args)
+    try:
+        res = clean.ctr("task", "exec", "--exec-id", "e1", "svc", "sh", "-c",
+                        "echo in-exec; exit 4", check=False)  # fmt: skip
+        assert res.returncode == 4, res.stderr
+        assert res.stdout == b"in-exec\n"
+        ps = clean.ctr("task", "ps", "svc").stdout.decode().splitlines()
+        assert ps[0].split()[0] == "PID" and len(ps) >= 2, ps
+        assert clean.tasks() == ["svc"]
+        status = clean.ctr("task", "ls").stdout.decode()
+        assert "RUNNING" in status, status
+        clean.ctr("task", "kill", "-s", "SIGKILL", "svc")
+        cs.wait_for(lambda: "STOPPED" in clean.ctr("task", "ls").stdout.decode(), timeout=30,
+                    what="the killed task to be STOPPED")  # fmt: skip
+    finally:
+        clean.ctr("task", "delete", "-f", "svc", check=False)
+        clean.ctr("container", "delete", "svc", check=False)
+
+
+def test_a_pod_s_containers_share_one_vm(clean: cs.Containerd) -> None:
+    pod = ("--annotation", f"{POD_ANNOTATION}=pod1")
+    names = ("pod-a", "pod-b")
+    try:
+        for name in names:
+            clean.ctr(*clean.run_args(clean.ref, name, "sleep", "600", runtime=RUNTIME, rm=False,
+                                      options=("-d", *pod)))  # fmt: skip
+        assert len(Sandbox.list()) == 1
+        boot_id = ("cat", "/proc/sys/kernel/random/boot_id")
+        boot_ids = {clean.ctr("task", "exec", "--exec-id", "b", n, *boot_id).stdout for n in names}
+        assert len(boot_ids) == 1, boot_ids  # one kernel: one VM
+        assert len(clean.shims()) == 1
+    finally:
+        for name in names:
+            clean.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+        for name in names:
+            cs.wait_for(lambda n=name: _stopped(clean, n), timeout=30, what=f"{name} stopped")
+            clean.ctr("task", "delete", name, check=False)
+            clean.ctr("container", "delete", name, check=False)
+
+
+def _stopped(ctrd: cs.Containerd, name: str) -> bool:
+    for line in ctrd.ctr("task", "ls").stdout.decode().splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[-1] == "STOPPED"
+    return True
+
+
+def test_killing_qemu_reports_the_exit_to_containerd(clean: cs.Containerd) -> None:
+    events = clean.ctr_popen("events", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    args = clean.run_args(clean.ref, "doomed", "sleep", "600", runtime=RUNTIME, rm=False,
+                          options=("-d",))  # fmt: skip
+    try:
+        clean.ctr(*args)
+        (qemu,) = _qemu_pids()
+        os.kill(qemu, signal.SIGKILL)
+        cs.wait_for(lambda: _stopped(clean, "doomed"), timeout=30, what="doomed to be STOPPED")
+        status = clean.ctr("task", "ls").stdout.decode()
+        assert "STOPPED" in status, status
+    finally:
+        clean.ctr("task", "delete", "doomed", check=False)
+        clean.ctr("container", "delete", "doomed", check=False)
+        events.terminate()
+    lines = events.communicate(timeout=10)[0].decode().splitlines()
+    tasks = [line for line in lines if "doomed" in line and "/tasks/" in line]
+    topics = [_topic(line) for line in tasks]
+    assert topics[:3] == ["/tasks/create", "/tasks/start", "/tasks/exit"], topics
+    assert "/tasks/delete" in topics, topics
+    assert '"exit_status":255' in tasks[2], tasks[2]  # nobody saw the exit: containerd's 255
+
+
+def _topic(line: str) -> str:
+    """``ctr events`` prints ``TIME NAMESPACE TOPIC EVENT``; the topic is the /tasks/ word."""
+    return next((word for word in line.split() if word.startswith("/tasks/")), line)

@@ -1,0 +1,241 @@
+"""One process's stdio: between containerd's side (FIFOs, ``file://``, ``binary://``) and the
+agent's ``Attach`` stream.
+
+Lossless in both directions. Output is written to the FIFO as the agent delivers it, and
+the agent only frees what was handed over, so a slow reader slows the container instead of
+losing bytes. The FIFOs are opened read-write: the open never blocks on a reader that has not
+come yet, and the pipe survives a reader that comes and goes (``ctr`` reattaching). Stdin is
+forwarded until containerd's ``CloseIO``; what is already in the FIFO then is still sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import subprocess
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bulkhead.details import ProcessExit
+from bulkhead.process import Process
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+BINARY_READY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Stdio:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+Done = Callable[[ProcessExit | None, BaseException | None], None]
+
+
+class Relay:
+    """Copies ``process``'s output out and stdin in; ``on_done(exit, error)`` runs once the
+    output is all written and closed (``exit`` None: the stream broke, ``error`` says why)."""
+
+    def __init__(
+        self, process: Process, stdio: Stdio, *, container_id: str, namespace: str, on_done: Done
+    ) -> None:
+        self.process = process
+        self.stdio = stdio
+        self.container_id = container_id
+        self.namespace = namespace
+        self.on_done = on_done
+        self.done = threading.Event()
+        self._stdin_fd: int | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._stdin_closing = threading.Event()
+        self._stdin_thread: threading.Thread | None = None
+        self._outputs: dict[str, int] = {}
+        self._binary: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Open containerd's ends and begin copying (call before the process starts)."""
+        self._outputs = self._open_outputs()
+        if self.stdio.stdin:
+            self._stdin_fd = _open_fifo(self.stdio.stdin)
+            self._stdin_thread = threading.Thread(
+                target=self._copy_stdin, name=f"stdin-{self.container_id}", daemon=True
+            )
+            self._stdin_thread.start()
+        elif not self.stdio.terminal and self.process.attachment is not None:
+            self.process.attachment.close_stdin()  # no stdin: EOF at once, as runc gives
+        threading.Thread(
+            target=self._copy_output, name=f"output-{self.container_id}", daemon=True
+        ).start()
+
+    def close_stdin(self) -> None:
+        """containerd's CloseIO: send what the FIFO still holds, then EOF."""
+        if self._stdin_thread is None:
+            if self.process.attachment is not None:
+                self.process.attachment.close_stdin()
+            return
+        self._stdin_closing.set()
+        os.write(self._wake_w, b"x")
+
+    # -- output --
+
+    def _open_outputs(self) -> dict[str, int]:
+        outputs: dict[str, int] = {}
+        stdout, stderr = self.stdio.stdout, self.stdio.stderr
+        if stdout.startswith("binary://"):
+            return self._start_binary(stdout)
+        if stdout:
+            outputs["stdout"] = _open_target(stdout)
+        if stderr and not self.stdio.terminal:  # a terminal's output is all on stdout
+            outputs["stderr"] = (
+                os.dup(outputs["stdout"]) if stderr == stdout and stdout else _open_target(stderr)
+            )
+        return outputs
+
+    def _start_binary(self, uri: str) -> dict[str, int]:
+        """containerd's logging binary contract: it reads stdout on fd 3 and stderr on fd 4, and
+        closes fd 5 once it is ready; it learns whose output it is from the environment."""
+        url = urllib.parse.urlparse(uri)
+        args = [url.path]
+        for key, values in urllib.parse.parse_qs(url.query).items():
+            for value in values:
+                args += [key, value] if value else [key]
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        env = dict(os.environ, CONTAINER_ID=self.container_id, CONTAINER_NAMESPACE=self.namespace)
+
+        def _fds() -> None:  # in the child: put the three where the contract says
+            for i, fd in enumerate((out_r, err_r, ready_w)):
+                os.dup2(fd, 3 + i)
+
+        try:
+            self._binary = subprocess.Popen(
+                args, env=env, preexec_fn=_fds, pass_fds=(out_r, err_r, ready_w),
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            for fd in (out_r, err_r, ready_w):
+                os.close(fd)
+        selector = selectors.DefaultSelector()
+        selector.register(ready_r, selectors.EVENT_READ)
+        ready = selector.select(BINARY_READY_TIMEOUT)
+        selector.close()
+        os.close(ready_r)
+        if not ready:
+            log.warning("%s: logging binary %s not ready in %ss", self.container_id, uri,
+                        BINARY_READY_TIMEOUT)  # fmt: skip
+        return {"stdout": out_w, "stderr": err_w}
+
+    def _copy_output(self) -> None:
+        exit: ProcessExit | None = None
+        error: BaseException | None = None
+        try:
+            for out in self.process.output():
+                fd = self._outputs.get(out.stream)
+                if fd is not None:
+                    _write_all(fd, out.data, self._outputs, out.stream)
+            exit = self.process.exit
+        except BaseException as exc:
+            error = exc
+            log.warning("%s: stdio stream ended before the exit: %s", self.container_id, exc)
+        finally:
+            for fd in self._outputs.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._outputs = {}
+            self._stop_stdin()
+            if self._binary is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._binary.wait(BINARY_READY_TIMEOUT)
+        try:
+            self.on_done(exit, error)
+        finally:
+            self.done.set()
+
+    # -- stdin --
+
+    def _copy_stdin(self) -> None:
+        fd = self._stdin_fd
+        assert fd is not None
+        attachment = self.process.attachment
+        selector = selectors.DefaultSelector()
+        selector.register(fd, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while True:
+                events = selector.select()
+                readable = {key.fd for key, _ in events}
+                if fd in readable:
+                    self._forward(fd)  # our own write end means no EOF: CloseIO ends this
+                if self._wake_r in readable:
+                    while self._forward(fd):  # CloseIO: what was written before it, then EOF
+                        pass
+                    break
+        except Exception as exc:
+            log.warning("%s: stdin copy stopped: %s", self.container_id, exc)
+        finally:
+            selector.close()
+            with contextlib.suppress(Exception):
+                if attachment is not None:
+                    attachment.close_stdin()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _forward(self, fd: int) -> bool:
+        """Copy one chunk from the FIFO to the process; False when nothing is there now."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        if self.process.attachment is not None:
+            self.process.attachment.write_stdin(data)
+        return True
+
+    def _stop_stdin(self) -> None:
+        if self._stdin_thread is not None and self._stdin_thread.is_alive():
+            self._stdin_closing.set()
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            self._stdin_thread.join(5)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _open_fifo(path: str) -> int:
+    """Read-write and non-blocking: the open returns at once whether or not containerd's end is
+    open yet, and reads say "nothing now" rather than EOF while nobody writes."""
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _open_target(uri: str) -> int:
+    if uri.startswith("file://"):
+        path = urllib.parse.urlparse(uri).path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    fd = _open_fifo(uri.removeprefix("fifo://"))
+    os.set_blocking(fd, True)  # a full pipe holds the writer: back-pressure, not loss
+    return fd
+
+
+def _write_all(fd: int, data: bytes, outputs: dict[str, int], stream: str) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError:  # a logging binary that quit: nowhere to put it any more
+            log.warning("%s reader went away; dropping the rest of it", stream)
+            outputs.pop(stream, None)
+            os.close(fd)
+            return
+        view = view[n:]
