@@ -235,3 +235,83 @@ def test_killing_qemu_reports_the_exit_to_containerd(clean: cs.Containerd) -> No
 def _topic(line: str) -> str:
     """``ctr events`` prints ``TIME NAMESPACE TOPIC EVENT``; the topic is the /tasks/ word."""
     return next((word for word in line.split() if word.startswith("/tasks/")), line)
+
+
+def _detached(ctrd: cs.Containerd, cid: str, *command: str, options: tuple[str, ...] = ()) -> None:
+    ctrd.ctr(*ctrd.run_args(ctrd.ref, cid, *command, runtime=RUNTIME, rm=False,
+                            options=("-d", *options)))  # fmt: skip
+
+
+def _remove(ctrd: cs.Containerd, cid: str) -> None:
+    ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    cs.wait_for(lambda: _stopped(ctrd, cid), timeout=30, what=f"{cid} stopped")
+    ctrd.ctr("task", "delete", cid, check=False)
+    ctrd.ctr("container", "delete", cid, check=False)
+
+
+def test_log_uri_file_pause_resume_and_metrics(clean: cs.Containerd, tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    script = "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"
+    _detached(clean, "ticker", "sh", "-c", script, options=("--log-uri", f"file://{log}"))
+    try:
+        cs.wait_for(lambda: log.exists() and b"tick 2" in log.read_bytes(), timeout=30,
+                    what="output in the log file")  # fmt: skip
+        clean.ctr("task", "pause", "ticker")
+        assert "PAUSED" in clean.ctr("task", "ls").stdout.decode()
+        size = log.stat().st_size
+        time.sleep(1.0)  # a paused container must not write: give it the time to show it does
+        assert log.stat().st_size == size
+        clean.ctr("task", "resume", "ticker")
+        cs.wait_for(lambda: log.stat().st_size > size, timeout=30, what="output after resume")
+        metrics = clean.ctr("task", "metrics", "ticker").stdout.decode()
+        values = dict(line.split()[:2] for line in metrics.splitlines() if "." in line[:20])
+        assert int(values["pids.current"]) >= 1, metrics  # sh (and a sleep, now and then)
+        assert int(values["memory.usage"]) > 0 and int(values["cpu.usage_usec"]) > 0, metrics
+    finally:
+        _remove(clean, "ticker")
+
+
+def test_oom_kill_is_reported(clean: cs.Containerd) -> None:
+    events = clean.ctr_popen("events", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        res = run(clean, "hog", "sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' x)",
+                  options=("--memory-limit", str(32 << 20)))  # fmt: skip
+        assert res.returncode != 0
+    finally:
+        events.terminate()
+    lines = events.communicate(timeout=10)[0].decode().splitlines()
+    assert any("/tasks/oom" in line and "hog" in line for line in lines), lines
+
+
+def test_several_waits_end_together_after_the_output(clean: cs.Containerd) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bulkhead_shim.api import shim_pb2
+    from bulkhead_shim.ttrpc import Client
+
+    _detached(clean, "waited", "sh", "-c", "read x; seq 1 20000; exit 7")
+    try:
+        address = (clean.bundle_dir("waited") / "address").read_text()
+        with Client(address.removeprefix("unix://"), timeout=None) as client:
+            wait = shim_pb2.WaitRequest(id="waited")
+            with ThreadPoolExecutor(4) as pool:
+                waits = [pool.submit(client.call, "containerd.task.v2.Task", "Wait", wait,
+                                     shim_pb2.WaitResponse) for _ in range(4)]  # fmt: skip
+                time.sleep(0.5)
+                assert not any(w.done() for w in waits)  # nobody returns before the exit
+                clean.ctr("task", "kill", "-s", "SIGKILL", "waited")
+                statuses = {w.result(timeout=60).exit_status for w in waits}
+        assert statuses == {137}
+    finally:
+        _remove(clean, "waited")
+
+
+def test_a_killed_shim_is_cleaned_up_by_delete(clean: cs.Containerd) -> None:
+    _detached(clean, "orphan", "sleep", "600")
+    (shim,) = clean.shims()
+    os.kill(shim.pid, signal.SIGKILL)
+    # containerd sees the shim go, runs `delete`, which takes the VM down and unmounts.
+    cs.wait_for(lambda: not _qemu_pids(), timeout=60, what="the orphaned VM to go")
+    cs.wait_for(lambda: _stopped(clean, "orphan"), timeout=30, what="the task to be gone")
+    clean.ctr("task", "delete", "orphan", check=False)
+    clean.ctr("container", "delete", "orphan", check=False)

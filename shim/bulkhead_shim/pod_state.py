@@ -18,10 +18,10 @@ unmount a bundle's rootfs, take the pod's VM down.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,11 +126,18 @@ class PodState:
 
 
 def shim_alive(paths: PodPaths) -> int | None:
-    """The pid of the pod's running shim, if there is one (its pid file names a live
-    process that still has the shim's socket)."""
-    with contextlib.suppress(OSError, ValueError):
+    """The pid of the pod's running shim, if there is one: its socket answers. (Not just a pid
+    that exists: a killed shim may linger as a zombie, and its socket file stays behind.)"""
+    try:
         pid = int(paths.pid_file.read_text())
-        os.kill(pid, 0)
-        if paths.socket.exists():
-            return pid
-    return None
+    except (OSError, ValueError):
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(paths.socket))
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return pid
