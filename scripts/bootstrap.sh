@@ -16,6 +16,8 @@ APT_PACKAGES=(
   squashfs-tools    # mksquashfs: the squashfs disks of the storage tests
   umoci             # OCI image layouts for `bulkhead image rootfs` and its tests
   crun              # the OCI runtime baseline in benchmarks
+  containerd        # shim tests/benchmarks start a private daemon; the system unit is never used
+  runc              # the io.containerd.runc.v2 baseline the shim is compared against
   prometheus        # promtool, which checks the agent's metrics exposition in tests
 )
 
