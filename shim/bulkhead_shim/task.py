@@ -215,7 +215,10 @@ class TaskService:
             self.state.save(self.paths)
             last = not self.state.containers
         if last:
+            started = time.monotonic()
             self.pod.down()
+            log.info("delete %s timings: vm_down=%.0fms", task.id,
+                     (time.monotonic() - started) * 1000)  # fmt: skip
 
     def start(self, req: Any, ctx: CallContext) -> Any:
         task, proc = self._proc(req.id, req.exec_id)
