@@ -315,3 +315,31 @@ def test_a_killed_shim_is_cleaned_up_by_delete(clean: cs.Containerd) -> None:
     cs.wait_for(lambda: _stopped(clean, "orphan"), timeout=30, what="the task to be gone")
     clean.ctr("task", "delete", "orphan", check=False)
     clean.ctr("container", "delete", "orphan", check=False)
+
+
+def test_log_uri_binary_gets_stdout_and_stderr_apart(clean: cs.Containerd, tmp_path: Path) -> None:
+    # containerd's logging-binary contract: stdout on fd 3, stderr on fd 4, fd 5 closed when
+    # ready, the container named in the environment.
+    logger = tmp_path / "logger.sh"
+    logger.write_text(
+        "#!/bin/sh\n"
+        'echo "$CONTAINER_NAMESPACE/$CONTAINER_ID" > "$1.who"\n'
+        'cat <&3 > "$1.out" & cat <&4 > "$1.err" & exec 5>&-; wait\n'
+    )
+    logger.chmod(0o755)
+    base = tmp_path / "log"
+    _detached(clean, "logged", "sh", "-c", "echo to-out; echo to-err >&2",
+              options=("--log-uri", f"binary://{logger}?{base}"))  # fmt: skip
+    try:
+        cs.wait_for(lambda: _stopped(clean, "logged"), timeout=30, what="logged to exit")
+        cs.wait_for(lambda: all(_nonempty(Path(f"{base}.{s}")) for s in ("out", "err", "who")),
+                    timeout=30, what="the logger's files")  # fmt: skip
+        assert Path(f"{base}.out").read_bytes() == b"to-out\n"
+        assert Path(f"{base}.err").read_bytes() == b"to-err\n"
+        assert Path(f"{base}.who").read_text() == f"{clean.namespace}/logged\n"
+    finally:
+        _remove(clean, "logged")
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0

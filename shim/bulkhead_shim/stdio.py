@@ -11,6 +11,7 @@ forwarded until containerd's ``CloseIO``; what is already in the FIFO then is st
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import selectors
@@ -104,7 +105,7 @@ class Relay:
         closes fd 5 once it is ready; it learns whose output it is from the environment."""
         url = urllib.parse.urlparse(uri)
         args = [url.path]
-        for key, values in urllib.parse.parse_qs(url.query).items():
+        for key, values in urllib.parse.parse_qs(url.query, keep_blank_values=True).items():
             for value in values:
                 args += [key, value] if value else [key]
         out_r, out_w = os.pipe()
@@ -113,12 +114,16 @@ class Relay:
         env = dict(os.environ, CONTAINER_ID=self.container_id, CONTAINER_NAMESPACE=self.namespace)
 
         def _fds() -> None:  # in the child: put the three where the contract says
-            for i, fd in enumerate((out_r, err_r, ready_w)):
+            # Out of the way first, so that no dup2 overwrites a descriptor still to be moved.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (out_r, err_r, ready_w)]
+            for i, fd in enumerate(high):
                 os.dup2(fd, 3 + i)
 
         try:
+            # close_fds=False: subprocess would close 3-5 after _fds made them. Nothing else
+            # leaks: Python's own descriptors are close-on-exec, dup2's copies are not.
             self._binary = subprocess.Popen(
-                args, env=env, preexec_fn=_fds, pass_fds=(out_r, err_r, ready_w),
+                args, env=env, preexec_fn=_fds, close_fds=False,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         finally:
