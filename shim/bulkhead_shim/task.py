@@ -564,6 +564,9 @@ def _guarded(method: str, handler: Callable[[Any, CallContext], Any]) -> Callabl
     """Host-client errors become the matching status, with the method in the message."""
 
     def call(req: Any, ctx: CallContext) -> Any:
+        # Every call in the log (with -debug, as containerd at debug level runs shims): the
+        # order of Start, CloseIO, Wait and Kill is what a stdio hang is diagnosed from.
+        log.debug("%s %s", method, getattr(req, "id", ""))
         try:
             return handler(req, ctx)
         except TtrpcError:
