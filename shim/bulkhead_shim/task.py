@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 
 from bulkhead.containers import Container, check_id
 from bulkhead.details import ProcessExit
@@ -36,7 +36,7 @@ from bulkhead.process import Process
 
 from . import rootfs as host_rootfs
 from .api import cgroups_v2_pb2 as metrics_pb2
-from .api import events_pb2, mount_pb2, shim_pb2
+from .api import events_pb2, shim_pb2
 from .api import runc_options_pb2 as runc_pb2
 from .api import task_types_pb2 as task_pb2
 from .guest_spec import guest_spec
@@ -341,17 +341,12 @@ class TaskService:
     def state_(self, req: Any, ctx: CallContext) -> Any:
         task, proc = self._proc(req.id, req.exec_id)
         status = proc.status
-        if status == STATUS.RUNNING and not req.exec_id and self._paused(task):
-            status = STATUS.PAUSED
         return shim_pb2.StateResponse(
             id=proc.id, bundle=task.bundle, pid=proc.pid, status=status,
             stdin=proc.stdio.stdin, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
             terminal=proc.stdio.terminal, exit_status=proc.exit_status,
             exited_at=proc.exited_at, exec_id=req.exec_id,
         )  # fmt: skip
-
-    def _paused(self, task: Task) -> bool:
-        return task.init.status == STATUS.PAUSED
 
     def pids(self, req: Any, ctx: CallContext) -> Any:
         task, _ = self._proc(req.id, "")
@@ -607,8 +602,3 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except Exception as exc:
         log.warning("cleanup: %s%s: %s", getattr(fn, "__name__", fn), args, exc)
-
-
-# Keep the imports the generated modules need loaded (mount_pb2 for CreateTaskRequest.rootfs,
-# any_pb2 for the Any fields) even where this module does not name them.
-_ = (mount_pb2, any_pb2)
