@@ -331,9 +331,10 @@ class Containerd:
         """Run ``ctr`` against this containerd; ``env`` adds to the environment.
 
         Without ``input`` stdin is /dev/null, as ``ctr run`` would otherwise hand the test's
-        own stdin to the container. Beware: ``ctr run`` without ``-t`` never closes the
-        container's stdin at EOF (1.6 sends no CloseIO), so ``input`` to a process that reads
-        to EOF hangs until ``timeout``.
+        own stdin to the container. Beware: ``ctr`` 1.6 sends CloseIO only when its stdin
+        ends after the task was created, so with runc a short ``input`` (read to its end
+        during Create) to a process that reads to EOF hangs until ``timeout``; our shim ends
+        it (see ``bulkhead_shim.stdio``).
         """
         argv = self.ctr_argv(*args)
         try:
@@ -392,10 +393,11 @@ class Containerd:
         options: Sequence[str] = (),
         check: bool = True,
         timeout: float = 120.0,
+        input: bytes | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """``ctr run --rm``: the container's output and, as returncode, its exit status."""
         argv = self.run_args(ref, container_id, *command, runtime=runtime, options=options)
-        return self.ctr(*argv, check=check, timeout=timeout)
+        return self.ctr(*argv, check=check, timeout=timeout, input=input)
 
     # -- inspection ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -52,6 +53,8 @@ def ctrd(image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[cs.Contain
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        for path in (short, env["BULKHEAD_STATE_DIR"], env["BULKHEAD_SHIM_DIR"]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -119,9 +122,26 @@ def test_output_is_lossless(clean: cs.Containerd) -> None:
     assert big.stdout == b"".join(b"%d\n" % i for i in range(1, 100001))
 
 
-# Piped (non-terminal) stdin is not tested: in CI, `ctr run` with a pipe on stdin sometimes
-# never gets its container's stdin closed (the shim then waits for CloseIO forever), a race
-# left open in issue 8. Terminal stdin is covered by test_interactive_terminal.
+def test_piped_stdin_reaches_the_container_and_ends(clean: cs.Containerd) -> None:
+    # Large: ctr is still writing when the task starts, and ends it with CloseIO.
+    data = os.urandom(300_000).hex().encode()
+    res = run(clean, "wc", "sh", "-c", "wc -c; exit 0", input=data, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(len(data)).encode()
+    # Small: ctr reads it to its end during Create and never sends CloseIO; the FIFO's close
+    # alone must end the container's stdin (as with runc), or `cat` waits for ever.
+    res = run(clean, "cat", "cat", input=b"short\n", timeout=300)
+    assert (res.returncode, res.stdout) == (0, b"short\n"), res.stderr
+    # An exec gets the same: a short pipe ends its stdin.
+    args = clean.run_args(clean.ref, "svc", "sleep", "600", runtime=RUNTIME, rm=False,
+                          options=("-d",))  # fmt: skip
+    clean.ctr(*args)
+    try:
+        res = clean.ctr("task", "exec", "--exec-id", "e1", "svc", "cat", input=b"to exec\n",
+                        check=False, timeout=120)  # fmt: skip
+        assert (res.returncode, res.stdout) == (0, b"to exec\n"), res.stderr
+    finally:
+        clean.remove("svc")
 
 
 def test_interactive_terminal(clean: cs.Containerd) -> None:

@@ -3,17 +3,26 @@ agent's ``Attach`` stream.
 
 Lossless in both directions. Output is written to the FIFO as the agent delivers it, and
 the agent only frees what was handed over, so a slow reader slows the container instead of
-losing bytes. The FIFOs are opened read-write: the open never blocks on a reader that has not
-come yet, and the pipe survives a reader that comes and goes (``ctr`` reattaching). Stdin is
-forwarded until containerd's ``CloseIO``; what is already in the FIFO then is still sent.
+losing bytes. The output FIFOs are opened read-write: the open never blocks on a reader that
+has not come yet, and the pipe survives a reader that comes and goes (``ctr`` reattaching).
+
+Stdin, as with runc's shim, ends at containerd's ``CloseIO`` (what is already in the FIFO is
+still sent first): once the process is started we hold a write end of our own, so a client that
+detaches, or containerd restarting, does not end it. Before Start, though, the writer closing
+the FIFO ends stdin too. ``ctr`` arms its CloseIO only when Create (or Exec) has returned, so a
+short pipe it reads to the end during Create gets no CloseIO at all, only the close; runc's shim
+then leaves ``echo hi | ctr run ... cat`` waiting for ever. The FIFO is opened at Create (Exec
+for an exec), so that the writer is connected, and its close seen, before Start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import logging
 import os
+import select
 import selectors
 import subprocess
 import threading
@@ -46,17 +55,22 @@ class Relay:
     output is all written and closed (``exit`` None: the stream broke, ``error`` says why)."""
 
     def __init__(
-        self, process: Process, stdio: Stdio, *, container_id: str, namespace: str, on_done: Done
-    ) -> None:
+        self, process: Process, stdio: Stdio, *, container_id: str, namespace: str, on_done: Done,
+        stdin_fd: int | None = None,
+    ) -> None:  # fmt: skip
         self.process = process
         self.stdio = stdio
         self.container_id = container_id
         self.namespace = namespace
         self.on_done = on_done
         self.done = threading.Event()
-        self._stdin_fd: int | None = None
+        self._stdin_fd = stdin_fd
         self._wake_r, self._wake_w = os.pipe()
         self._stdin_closing = threading.Event()
+        self._started = threading.Event()
+        self._stdin_lock = threading.Lock()  # the thread's end against started()'s own writer
+        self._stdin_ended = False
+        self._own_writer: int | None = None
         self._stdin_thread: threading.Thread | None = None
         self._outputs: dict[str, int] = {}
         self._binary: subprocess.Popen[bytes] | None = None
@@ -65,7 +79,8 @@ class Relay:
         """Open containerd's ends and begin copying (call before the process starts)."""
         self._outputs = self._open_outputs()
         if self.stdio.stdin:
-            self._stdin_fd = _open_fifo(self.stdio.stdin)
+            if self._stdin_fd is None:
+                self._stdin_fd = open_stdin_fifo(self.stdio.stdin)
             self._stdin_thread = threading.Thread(
                 target=self._copy_stdin, name=f"stdin-{self.container_id}", daemon=True
             )
@@ -75,6 +90,20 @@ class Relay:
         threading.Thread(
             target=self._copy_output, name=f"output-{self.container_id}", daemon=True
         ).start()
+
+    def started(self) -> None:
+        """The process runs: from now on only CloseIO ends its stdin.
+
+        Done here, before Start returns, not in the copying thread: a client that writes
+        and detaches right after Start must find our write end already there."""
+        with self._stdin_lock:
+            fd = self._stdin_fd
+            if fd is not None and not self._stdin_ended and not _writer_gone(fd):
+                self._own_writer = os.open(self.stdio.stdin, os.O_WRONLY | os.O_NONBLOCK
+                                           | os.O_CLOEXEC)  # fmt: skip
+            self._started.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"s")
 
     def close_stdin(self) -> None:
         """containerd's CloseIO: send what the FIFO still holds, then EOF."""
@@ -174,16 +203,24 @@ class Relay:
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
+        writer_gone = False  # the writer closed the FIFO before Start
         try:
             while True:
                 events = selector.select()
                 readable = {key.fd for key, _ in events}
-                if fd in readable:
-                    self._forward(fd)  # our own write end means no EOF: CloseIO ends this
+                if fd in readable and self._forward(fd) is _EOF:
+                    # Linux polls an emptied FIFO readable for ever once its writer has gone.
+                    selector.unregister(fd)
+                    writer_gone = True
                 if self._wake_r in readable:
-                    while self._forward(fd):  # CloseIO: what was written before it, then EOF
-                        pass
-                    break
+                    os.read(self._wake_r, 64)
+                    if self._stdin_closing.is_set():
+                        if not writer_gone:
+                            self._drain(fd)  # CloseIO: what was written before it, then EOF
+                        break
+                    if self._started.is_set() and self._own_writer is None:
+                        self._drain(fd)
+                        break  # closed before Start: nobody will send CloseIO
         except Exception as exc:
             log.warning("%s: stdin copy stopped: %s", self.container_id, exc)
         finally:
@@ -191,20 +228,37 @@ class Relay:
             with contextlib.suppress(Exception):
                 if attachment is not None:
                     attachment.close_stdin()
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            with self._stdin_lock:
+                self._stdin_ended = True
+                for end in (fd, self._own_writer):
+                    if end is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(end)
 
-    def _forward(self, fd: int) -> bool:
-        """Copy one chunk from the FIFO to the process; False when nothing is there now."""
+    def _drain(self, fd: int) -> bool:
+        """Forward what the FIFO holds now; True if its writer has gone (EOF)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while poller.poll(0):
+            got = self._forward(fd)
+            if got is not _MORE:
+                return got is _EOF
+        return False
+
+    def _forward(self, fd: int) -> _Read:
+        """Copy one chunk from the FIFO to the process: _MORE, _EMPTY (nothing there now) or
+        _EOF. Only called once poll said readable: a FIFO no writer has opened yet reads as
+        EOF too, but Linux polls it readable only once a writer has come (and data or its
+        close with it)."""
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
-            return False
+            return _EMPTY
         if not data:
-            return False
+            return _EOF
         if self.process.attachment is not None:
             self.process.attachment.write_stdin(data)
-        return True
+        return _MORE
 
     def _stop_stdin(self) -> None:
         if self._stdin_thread is not None and self._stdin_thread.is_alive():
@@ -215,6 +269,28 @@ class Relay:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _Read(enum.Enum):
+    MORE = "more"
+    EMPTY = "nothing there now"
+    EOF = "eof"
+
+
+_MORE, _EMPTY, _EOF = _Read.MORE, _Read.EMPTY, _Read.EOF
+
+
+def _writer_gone(fd: int) -> bool:
+    """Whether a FIFO's writer has come and gone since we opened it (Linux says POLLHUP)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def open_stdin_fifo(path: str) -> int:
+    """Read-only, so that the writer's close before Start is seen as an EOF; non-blocking, so
+    that the open returns before containerd's end is open."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def _open_fifo(path: str) -> int:

@@ -17,6 +17,7 @@ they are what ``ctr task ps`` users can relate to what runs in the container.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from .guest_spec import guest_spec
 from .pod import Pod
 from .pod_state import ContainerRecord, PodPaths, PodState, read_spec
 from .publisher import EventPublisher, pack_any, topic_of
-from .stdio import Relay, Stdio
+from .stdio import Relay, Stdio, open_stdin_fifo
 from .ttrpc import CallContext, Code, Server, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Proc:
     exited_at: timestamp_pb2.Timestamp | None = None
     process: Process | None = None
     relay: Relay | None = None
+    stdin_fd: int | None = None  # an exec's stdin FIFO, opened at Exec, until its relay has it
     finished: threading.Event = field(default_factory=threading.Event)
     _finish_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -195,7 +197,9 @@ class TaskService:
         proc.relay = Relay(
             process, proc.stdio, container_id=proc.container_id, namespace=self.namespace,
             on_done=lambda exit, error: self._finished(proc, exit, error),
+            stdin_fd=proc.stdin_fd,
         )  # fmt: skip
+        proc.stdin_fd = None  # the relay's now
         proc.relay.start()
 
     def _undo_create(self, task: Task) -> None:
@@ -231,6 +235,8 @@ class TaskService:
             except BulkheadError as exc:
                 raise _status(exc, "start") from exc
             proc.status = STATUS.RUNNING
+            if proc.relay is not None:
+                proc.relay.started()
             if self._start_failed(proc):
                 raise TtrpcError(Code.UNKNOWN, f"start: {self._start_failure(proc)}")
             self._publish(events_pb2.TaskStart(container_id=task.id, pid=proc.pid))
@@ -245,6 +251,8 @@ class TaskService:
             process = Process(client, task.id, req.exec_id, pid=pid, tty=proc.stdio.terminal)
             process.reattach()  # the agent keeps its output from the first byte
             self._relay(proc, process)
+            assert proc.relay is not None
+            proc.relay.started()
             self._publish(events_pb2.TaskExecStarted(container_id=task.id, exec_id=req.exec_id,
                                                      pid=pid))  # fmt: skip
         return shim_pb2.StartResponse(pid=proc.pid)
@@ -280,7 +288,13 @@ class TaskService:
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"exec: spec: not JSON: {exc}") from exc
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
-        task.execs[req.exec_id] = Proc(req.id, req.exec_id, stdio, process_spec=process_spec)
+        proc = Proc(req.id, req.exec_id, stdio, process_spec=process_spec)
+        if req.stdin:  # now, as the container's is at Create (see stdio): a close is seen
+            try:
+                proc.stdin_fd = open_stdin_fifo(req.stdin)
+            except OSError as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"exec: stdin: {exc}") from exc
+        task.execs[req.exec_id] = proc
         self._publish(events_pb2.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
         return empty_pb2.Empty()
 
@@ -296,6 +310,7 @@ class TaskService:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"delete: {proc.id} is still running")
         if req.exec_id:
             task.execs.pop(req.exec_id, None)
+            _close_stdin_fd(proc)
             return self._delete_response(proc)
         if task.container is not None:
             try:
@@ -500,6 +515,7 @@ class TaskService:
         deadline = time.monotonic() + VM_EXIT_GRACE
         for proc in procs:
             if proc.status == STATUS.CREATED and proc.relay is None:
+                _close_stdin_fd(proc)
                 self._finished(proc, None, None)  # an exec never started
             else:
                 self._finish_after(proc, max(0.0, deadline - time.monotonic()))
@@ -602,3 +618,11 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except Exception as exc:
         log.warning("cleanup: %s%s: %s", getattr(fn, "__name__", fn), args, exc)
+
+
+def _close_stdin_fd(proc: Proc) -> None:
+    """An exec that never started: its stdin FIFO, opened at Exec, is not needed any more."""
+    if proc.stdin_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(proc.stdin_fd)
+        proc.stdin_fd = None
