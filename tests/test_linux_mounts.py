@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bulkhead_agent.linux import mounts as m
@@ -68,3 +70,32 @@ def test_flag_names_for_messages() -> None:
     assert m.flag_names(0) == "0"
     assert m.flag_names(m.MS_BIND | m.MS_REC) == "MS_BIND|MS_REC"
     assert m.flag_names(m.MS_RDONLY | 0x40000000) == "MS_RDONLY|0x40000000"
+
+
+def test_mount_table_unescapes_mount_points_and_reads_the_fstype(tmp_path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_bytes(
+        b"22 1 0:21 / / rw,relatime - rootfs rootfs rw\n"
+        b"35 22 0:33 / /run/a\\040b\\011c rw shared:9 - tmpfs tmpfs rw,size=10k\n"
+        b"36 22 0:34 / / rw master:1 - overlay overlay rw\n"
+    )
+    assert m.mount_table(str(info)) == [
+        m.MountInfo(b"/", b"rootfs"),
+        m.MountInfo(b"/run/a b\tc", b"tmpfs"),  # optional fields before "-" skipped
+        m.MountInfo(b"/", b"overlay"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) needs root")
+def test_is_mount_point_sees_a_bind_mount_within_one_file_system(tmp_path) -> None:
+    target = tmp_path / "with space"
+    target.mkdir()
+    assert not m.is_mount_point(str(target))
+    assert not os.path.ismount(target)
+    m.mount(str(target), str(target), None, m.MS_BIND)
+    try:
+        assert m.is_mount_point(str(target))
+        assert not os.path.ismount(target)  # why the kernel's table is asked instead
+    finally:
+        m.umount2(str(target))
+    assert not m.is_mount_point(str(target))

@@ -14,9 +14,11 @@ import shutil
 import signal
 from pathlib import Path
 
+from bulkhead_agent.linux.mounts import is_mount_point
+
 from .cli import Flags
 from .pod_state import PodPaths, PodState, pod_id, read_spec, shim_alive
-from .rootfs import is_mount_point, unmount_rootfs
+from .rootfs import unmount_rootfs
 
 log = logging.getLogger(__name__)
 

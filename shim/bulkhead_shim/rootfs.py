@@ -8,7 +8,6 @@ means the bundle's ``rootfs`` is already a ready directory (``ctr run --rootfs``
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Sequence
@@ -63,26 +62,10 @@ def _mount_one(m: MountLike, target: str) -> None:
 def unmount_rootfs(target: str) -> None:
     """Unmount what ``mount_rootfs`` put on ``target`` (lazily, so a straggling reader such as
     a virtiofsd that is exiting cannot make the delete fail); nothing there is fine."""
-    while is_mount_point(target):
+    while mounts.is_mount_point(target):
         try:
             mounts.umount2(target, MNT_DETACH)
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.ENOENT):
                 return
             raise
-
-
-def is_mount_point(path: str) -> bool:
-    """Whether something is mounted exactly at ``path`` (by mountinfo, which also sees bind
-    mounts within one file system, unlike ``os.path.ismount``)."""
-    target = os.path.realpath(path)
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == target:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field

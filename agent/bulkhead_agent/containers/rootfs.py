@@ -29,22 +29,9 @@ def prepare_base(containers_dir: str) -> None:
     os.chmod(containers_dir, 0o711)
     # Not os.path.ismount, which cannot see a bind mount within one file system: a restarted
     # agent would stack a second bind over the first, hiding the containers' mounts below.
-    if not _is_mount_point(containers_dir):
+    if not m.is_mount_point(containers_dir):
         m.mount(containers_dir, containers_dir, None, m.MS_BIND)
     m.mount(None, containers_dir, None, m.MS_SHARED)
-
-
-def _is_mount_point(path: str) -> bool:
-    target = os.path.realpath(path).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            # Field 5 is the mount point, with space, tab, newline and backslash escaped.
-            point = line.split()[4]
-            if b"\\" in point:
-                point = point.decode("unicode_escape").encode("latin-1")
-            if point == target:
-                return True
-    return False
 
 
 def release_base(containers_dir: str) -> None:

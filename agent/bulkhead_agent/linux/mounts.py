@@ -202,18 +202,42 @@ def mount_flags_of(path: str) -> int:
     return flags
 
 
+class MountInfo(NamedTuple):
+    """One line of ``/proc/self/mountinfo``: where something is mounted, and what."""
+
+    mount_point: bytes
+    fstype: bytes
+
+
+def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    """The mounts the calling process sees, in mount order (the last on a point is on top).
+
+    The kernel's own table, unlike ``os.path.ismount``, also sees a bind mount within one
+    file system.
+    """
+    table = []
+    with open(path, "rb") as f:
+        for line in f:
+            # mount ID, parent ID, major:minor, root, mount point, options, ... "-" fstype ...
+            fields = line.split()
+            point = fields[4]
+            if b"\\" in point:  # space, tab, newline and backslash come octal-escaped
+                point = point.decode("unicode_escape").encode("latin-1")
+            table.append(MountInfo(point, fields[fields.index(b"-") + 1]))
+    return table
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether something is mounted exactly at ``path``."""
+    target = os.fsencode(os.path.realpath(path))
+    return any(m.mount_point == target for m in mount_table())
+
+
 def root_is_initramfs() -> bool:
     """True when ``/`` is the kernel's initial rootfs, which ``pivot_root`` cannot leave.
 
     A guest that runs straight from its initramfs (ours does) must move the container's
     root over ``/`` and chroot instead.
     """
-    fstype = b""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            # mount ID, parent ID, major:minor, root, mount point, options, ... "-" fstype;
-            # the last mount on "/" is the one on top.
-            if fields[4] == b"/":
-                fstype = fields[fields.index(b"-") + 1]
-    return fstype == b"rootfs"
+    on_root = [m.fstype for m in mount_table() if m.mount_point == b"/"]
+    return bool(on_root) and on_root[-1] == b"rootfs"
