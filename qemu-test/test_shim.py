@@ -7,6 +7,7 @@ nothing (shim, QEMU, mounts, sockets, state) is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -144,6 +145,12 @@ def test_piped_stdin_reaches_the_container_and_ends(clean: cs.Containerd) -> Non
         clean.remove("svc")
 
 
+def test_a_command_that_cannot_run_fails_the_start(clean: cs.Containerd) -> None:
+    res = run(clean, "missing", "/no/such-command")
+    assert res.returncode != 0
+    assert b"start: " in res.stderr and b"such-command" in res.stderr, res.stderr
+
+
 def test_interactive_terminal(clean: cs.Containerd) -> None:
     main, sub = pty.openpty()
     argv = clean.run_args(clean.ref, "tty", "sh", runtime=RUNTIME, options=("-t",))
@@ -227,6 +234,72 @@ def _stopped(ctrd: cs.Containerd, name: str) -> bool:
         if fields and fields[0] == name:
             return fields[-1] == "STOPPED"
     return True
+
+
+@pytest.fixture
+def cni_netns() -> Iterator[tuple[str, str]]:
+    """What a CNI plugin leaves for a pod: a namespace with a veth holding the pod's address
+    and a default route, its peer on the "node" (a namespace of its own here, so that the
+    test never touches the host's network). Yields (pod namespace path, node namespace)."""
+    pod, node = f"bh-pod-{os.getpid()}", f"bh-node-{os.getpid()}"
+    steps = [
+        ["ip", "netns", "add", pod], ["ip", "netns", "add", node],
+        ["ip", "-n", pod, "link", "add", "eth0", "mtu", "1400", "type", "veth", "peer", "name",
+         "node0", "netns", node],
+        ["ip", "-n", pod, "addr", "add", f"{POD_IP}/24", "dev", "eth0"],
+        ["ip", "-n", pod, "link", "set", "eth0", "up"],
+        ["ip", "-n", pod, "route", "add", "default", "via", NODE_IP],
+        ["ip", "-n", node, "addr", "add", f"{NODE_IP}/24", "dev", "node0"],
+        ["ip", "-n", node, "link", "set", "node0", "up"],
+        ["ip", "-n", node, "link", "set", "lo", "up"],
+    ]  # fmt: skip
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield f"/run/netns/{pod}", node
+    finally:
+        for ns in (pod, node):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+POD_IP, NODE_IP = "10.89.0.5", "10.89.0.1"
+
+
+def test_a_cni_network_namespace_becomes_the_pod_vm_network(
+    clean: cs.Containerd, cni_netns: tuple[str, str]
+) -> None:
+    pod_path, node = cni_netns
+    pod = Path(pod_path).name
+    # The node answers one connection on its side of the veth.
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", node, "busybox", "nc", "-l", "-p", "5000", "-e", "echo",
+         "hello from the node"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        res = run(clean, "cni", "sh", "-c", f"ip -o link; ip -o addr; ip route; nc {NODE_IP} 5000",
+                  options=("--with-ns", f"network:{pod_path}"))  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        out = res.stdout.decode()
+        assert f"inet {POD_IP}/24" in out, out  # the pod's address, in the guest
+        assert f"default via {NODE_IP}" in out, out
+        assert "eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400" in out, out  # the veth's
+        assert "hello from the node" in out, out  # through the tap, tc and the veth
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    # The node saw the guest's MAC as the pod's: the veth's own, which the VM took over.
+    pod_mac = subprocess.run(["ip", "-n", pod, "-j", "link", "show", "eth0"],
+                             capture_output=True, check=True).stdout  # fmt: skip
+    neighbours = subprocess.run(["ip", "-n", node, "neigh", "show", POD_IP],
+                                capture_output=True, check=True, text=True).stdout  # fmt: skip
+    assert json.loads(pod_mac)[0]["address"] in neighbours, neighbours
+    # With the VM gone, the pod's veth is its own again: no redirect is left on it.
+    qdiscs = subprocess.run(["ip", "netns", "exec", pod, "tc", "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert "ingress" not in qdiscs, qdiscs
 
 
 def test_killing_qemu_reports_the_exit_to_containerd(clean: cs.Containerd) -> None:

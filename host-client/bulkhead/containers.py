@@ -56,6 +56,8 @@ class Container:
         self.id = container_id
         self.tty = tty
         self.process: Process | None = None
+        # The exit the agent recorded when start() found the command could not run.
+        self.start_failure: ProcessExit | None = None
 
     def __repr__(self) -> str:
         return f"Container({self.id!r})"
@@ -117,23 +119,25 @@ class Container:
 
         A command that cannot be started (missing, not executable) is an outcome, not an
         error: the agent refuses the start but records a ``start_failed`` exit, which the
-        process then reports like any other exit (``returncode`` 127 or 126).
+        process then reports like any other exit (``returncode`` 127 or 126). That exit is
+        also ``start_failure``, for callers that must refuse the start (a containerd shim).
         """
         try:
             self.client.start_container(self.id)
         except FailedPrecondition:
-            if not self._start_failed():
+            self.start_failure = self._recorded_start_failure()
+            if self.start_failure is None:
                 raise
         if self.process is None:
             self.process = Process(self.client, self.id, tty=self.tty)
         return self.process
 
-    def _start_failed(self) -> bool:
+    def _recorded_start_failure(self) -> ProcessExit | None:
         try:
             exit = self.client.wait_process(self.id, "", timeout=5)
         except BulkheadError:
-            return False
-        return exit.kind == "start_failed"
+            return None
+        return exit if exit.kind == "start_failed" else None
 
     def wait(self, timeout: float | None = None) -> ProcessExit:
         """Wait for the container's own process to exit (``ProcessTimeout`` after ``timeout``)."""

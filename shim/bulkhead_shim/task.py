@@ -172,7 +172,7 @@ class TaskService:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"create: no rootfs mounts and no {rootfs}")
         clock.lap("rootfs")
         booted = not self.pod.up
-        sandbox = self.pod.sandbox(spec.get("annotations") or {})
+        sandbox = self.pod.sandbox(spec)
         self._watch_ooms()
         clock.lap("vm_boot" if booted else "vm_join")
         share = "rootfs-" + hashlib.sha256(task.id.encode()).hexdigest()[:12]
@@ -234,11 +234,17 @@ class TaskService:
                 task.container.start()
             except BulkheadError as exc:
                 raise _status(exc, "start") from exc
-            proc.status = STATUS.RUNNING
+            with proc._finish_lock:  # a command that cannot run may have its exit already
+                if not proc.finished.is_set():
+                    proc.status = STATUS.RUNNING
             if proc.relay is not None:
                 proc.relay.started()
-            if self._start_failed(proc):
-                raise TtrpcError(Code.UNKNOWN, f"start: {self._start_failure(proc)}")
+            failed = task.container.start_failure
+            if failed is not None:
+                # As runc: the start is an error. Its exit (127, 126) is published first.
+                proc.finished.wait(5)
+                why = failed.start_failure.message if failed.start_failure else "cannot run"
+                raise TtrpcError(Code.UNKNOWN, f"start: {why}")
             self._publish(events_pb2.TaskStart(container_id=task.id, pid=proc.pid))
         else:
             assert task.container is not None and proc.process_spec is not None
@@ -256,22 +262,6 @@ class TaskService:
             self._publish(events_pb2.TaskExecStarted(container_id=task.id, exec_id=req.exec_id,
                                                      pid=pid))  # fmt: skip
         return shim_pb2.StartResponse(pid=proc.pid)
-
-    def _start_failed(self, proc: Proc) -> bool:
-        """A command that cannot run: the agent records the failure as the exit."""
-        if proc.process is None:
-            return False
-        try:
-            exit = proc.process.client.wait_process(proc.container_id, proc.exec_id, timeout=0.5)
-        except BulkheadError:
-            return False
-        return exit.kind == "start_failed"
-
-    def _start_failure(self, proc: Proc) -> str:
-        proc.finished.wait(5)
-        process = proc.process
-        failure = process.exit.start_failure if process and process.exit else None
-        return failure.message if failure else "the process could not be started"
 
     def exec(self, req: Any, ctx: CallContext) -> Any:
         _check_id(req.exec_id, "exec_id")
