@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86   # the VMM (TCG here, KVM where it works); ships virtiofsd too
   qemu-utils        # qemu-img for disk images
+  iproute2          # ip and tc: tap NICs in network namespaces, a CNI pod network taken over
   mmdebstrap        # builds the guest root filesystem from Debian packages
   busybox-static    # the debug console shell and the benchmark's floor /init
   cpio zstd         # inspecting and compressing the initramfs

@@ -122,6 +122,27 @@ def open_tap(netns: str, name: str, host_address: str = "") -> int:
     return fd
 
 
+def redirect(netns: str, interface: str, tap: str) -> None:
+    """Join ``interface`` and ``tap`` with tc: what either receives leaves by the other.
+
+    The namespace's own stack then sees none of ``interface``'s traffic: the guest behind
+    the tap answers for its addresses instead.
+    """
+    for src, dst in ((interface, tap), (tap, interface)):
+        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "qdisc", "replace", "dev", src,
+              "ingress"])  # fmt: skip
+        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "filter", "add", "dev", src,
+              "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0",
+              "action", "mirred", "egress", "redirect", "dev", dst])  # fmt: skip
+
+
+def unredirect(netns: str, interface: str) -> None:
+    """Undo ``redirect`` on ``interface`` (the tap's side went with the tap)."""
+    if netns_path(netns).exists():
+        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "qdisc", "del", "dev", interface,
+              "ingress"])  # fmt: skip
+
+
 def _enter(path: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

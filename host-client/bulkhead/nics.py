@@ -9,12 +9,16 @@ Two backends, both keeping traffic on this machine unless the operator says othe
 - ``tap``: a tap device whose host end is in a network namespace (``netns``); one the host
   client makes (``bh-<sandbox>``, removed with the sandbox) unless one is named. Defaults:
   subnet 10.88.N.0/24 for the sandbox's N-th tap NIC, host end .1, guest .2.
+  With ``mirror=IFACE`` the tap gets no address: it takes over an interface that is already
+  in the namespace (a CNI plugin's veth), every frame redirected both ways with tc, and the
+  guest's NIC should carry that interface's MAC and addresses (as Kata's "tcfilter" model).
 
 Option strings (``bulkhead sandbox up --net ...``, ``Nic.parse``)::
 
     user
     user,subnet=10.0.3.0/24,hostfwd=tcp:127.0.0.1:8080-:80,guestfwd=tcp:10.0.2.100:5000-127.0.0.1:5000
     tap,netns=testns,subnet=10.88.5.0/24,name=tap-web
+    tap,netns=/run/netns/cni-1234,mirror=eth0,mac=0a:58:0a:58:00:05,subnet=10.88.0.0/16,guest=10.88.0.5,host=10.88.0.1
 
 A ``guestfwd`` forwards the guest's connections to ``GUEST_ADDR:PORT`` to ``HOST:PORT`` on
 the host, one relay process (``bulkhead.forward``) per connection.
@@ -69,6 +73,7 @@ class Nic:
     netns: str = ""  # tap: the host namespace (name or path)
     tap: str = ""  # tap: device name in that namespace
     created_netns: bool = False  # tap: the client made the namespace (and removes it)
+    mirror: str = ""  # tap: the namespace's interface it takes over (no address of its own)
     port: int = -1  # hot-plug port it went into; -1 for NICs present from boot
 
     @property
@@ -116,6 +121,7 @@ class Nic:
         guestfwd: Iterable[str] = (),
         netns_name: str = "",
         tap: str = "",
+        mirror: str = "",
     ) -> Nic:
         """A checked NIC with its defaults filled in; ``index`` counts the sandbox's tap NICs."""
         if backend not in BACKENDS:
@@ -153,6 +159,10 @@ class Nic:
                     )
         elif hostfwd or guestfwd:
             raise NicError(f"NIC {name}: hostfwd and guestfwd are for user networking only")
+        if mirror and (backend != "tap" or not netns_name):
+            raise NicError(f"NIC {name}: mirror is for a tap in a named netns (netns=...)")
+        if len(mirror) > 15:
+            raise NicError(f"NIC {name}: mirror {mirror!r} is longer than 15 characters")
         created = False
         if backend == "tap":
             if not netns_name:
@@ -173,6 +183,7 @@ class Nic:
             netns=netns_name,
             tap=tap,
             created_netns=created,
+            mirror=mirror,
         )
 
     @classmethod
@@ -191,6 +202,7 @@ class Nic:
             "guestfwd": "guestfwd",
             "netns": "netns_name",
             "tap": "tap",
+            "mirror": "mirror",
         }
         for item in items:
             key, sep, value = item.partition("=")
@@ -296,9 +308,7 @@ def boot_args(nics: Iterable[Nic], *, machine: str = "q35") -> tuple[list[str], 
         for nic in nics:
             fd = None
             if nic.backend == "tap":
-                fd = netns.open_tap(
-                    nic.netns, nic.tap, f"{nic.host_address}/{nic.network.prefixlen}"
-                )
+                fd = open_tap(nic)
                 fds.append(fd)
             args += ["-netdev", netdev_arg(nic, fd=fd), "-device", device_arg(nic, machine=machine)]
     except BaseException:
@@ -306,6 +316,20 @@ def boot_args(nics: Iterable[Nic], *, machine: str = "q35") -> tuple[list[str], 
             _close(fd)
         raise
     return args, fds
+
+
+def open_tap(nic: Nic) -> int:
+    """The tap's file descriptor: the namespace's end addressed as the guest's gateway, or,
+    with ``mirror``, taking over that interface's traffic."""
+    if not nic.mirror:
+        return netns.open_tap(nic.netns, nic.tap, f"{nic.host_address}/{nic.network.prefixlen}")
+    fd = netns.open_tap(nic.netns, nic.tap)
+    try:
+        netns.redirect(nic.netns, nic.mirror, nic.tap)
+    except BaseException:
+        _close(fd)
+        raise
+    return fd
 
 
 def _close(fd: int) -> None:
@@ -336,7 +360,7 @@ def plug(qmp: Qmp, nic: Nic, port_id: str) -> None:
         if nic.guestfwd:
             netdev["guestfwd"] = [{"str": guestfwd_rule(r)} for r in nic.guestfwd]
     else:
-        fd = netns.open_tap(nic.netns, nic.tap, f"{nic.host_address}/{nic.network.prefixlen}")
+        fd = open_tap(nic)
         fd_name = f"bh-fd-{nic.name}"
         try:
             qmp.send_fd(fd, fd_name)

@@ -100,8 +100,14 @@ def resolve_network(network: NetworkArg, nics: list[Nic]) -> NetworkSpec | None:
 
 
 def cleanup_nics(state: Mapping[str, Any]) -> None:
-    """Remove the namespaces the client made for this sandbox's taps (QEMU is gone)."""
+    """Remove the namespaces the client made for this sandbox's taps, and the redirects of
+    mirror taps from the interfaces they took over (QEMU is gone)."""
     for nic in _nics_of(state):
+        if nic.mirror:
+            try:
+                netns.unredirect(nic.netns, nic.mirror)
+            except BulkheadError as exc:
+                log.warning("cannot undo the redirect of %s in %s: %s", nic.mirror, nic.netns, exc)
         if nic.backend == "tap" and nic.created_netns:
             try:
                 netns.delete(nic.netns)

@@ -25,8 +25,8 @@ def guest_spec(spec: dict[str, Any], container_id: str) -> dict[str, Any]:
         if not path:
             namespaces.append(ns)
         elif ns.get("type") == "network":
-            # The pod's network namespace (CNI's) is the host's; in the VM the pod's network
-            # is the VM's own, which the container then shares.
+            # The pod's network namespace (CNI's) is the host's: the VM took its interfaces
+            # over (pod_network), and the container shares the VM's network.
             log.info("%s: host network namespace %s: the VM's is used", container_id, path)
         else:
             # A host namespace cannot be joined from the guest: a new one it is.

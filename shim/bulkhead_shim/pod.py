@@ -11,6 +11,7 @@ from typing import Any
 
 from bulkhead import Sandbox
 
+from .pod_network import network_namespace, pod_network
 from .pod_state import PodPaths, PodState
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,21 @@ class Pod:
     def up(self) -> bool:
         return self._sandbox is not None
 
-    def sandbox(self, annotations: dict[str, str] | None = None) -> Sandbox:
-        """The pod's VM, booted now if it is not up yet (this is where Create spends its time)."""
+    def sandbox(self, spec: dict[str, Any] | None = None) -> Sandbox:
+        """The pod's VM, booted now if it is not up yet (this is where Create spends its time).
+
+        The first container's ``spec`` sizes it (annotations) and gives its network (the
+        network namespace CNI set up, which the VM takes over)."""
         with self._lock:
             if self._sandbox is None:
-                self._sandbox = self._boot(annotations or {})
+                self._sandbox = self._boot(spec or {})
                 self.state.sandbox = self._sandbox.name
                 self.state.save(self.paths)
                 threading.Thread(target=self._watch, name="vm-watch", daemon=True).start()
             return self._sandbox
 
-    def _boot(self, annotations: dict[str, str]) -> Sandbox:
+    def _boot(self, spec: dict[str, Any]) -> Sandbox:
+        annotations = spec.get("annotations") or {}
         options: dict[str, Any] = {"shared_memory": True}  # virtio-fs carries the rootfs
         memory = annotations.get(MEMORY_ANNOTATION) or os.environ.get("BULKHEAD_SHIM_MEMORY_MIB")
         cpus = annotations.get(CPUS_ANNOTATION) or os.environ.get("BULKHEAD_SHIM_CPUS")
@@ -55,6 +60,8 @@ class Pod:
             options["cpus"] = int(cpus)
         if image := os.environ.get("BULKHEAD_IMAGE"):
             options["image"] = image
+        if path := network_namespace(spec):
+            options["nics"], options["network"] = pod_network(path)
         log.info("booting sandbox %s (%s)", self.paths.sandbox_name, options)
         # A sandbox of a shim that died before it could take it down is in the way.
         for name in Sandbox.cleanup_dead():
