@@ -302,6 +302,25 @@ def test_a_cni_network_namespace_becomes_the_pod_vm_network(
     assert "ingress" not in qdiscs, qdiscs
 
 
+def test_host_bind_mounts_reach_the_container(clean: cs.Containerd, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "in.txt").write_text("from the host\n")
+    conf = tmp_path / "resolv.conf"  # a file bind, as CRI's /etc/resolv.conf
+    conf.write_text("nameserver 10.0.0.53\n")
+    script = ("cat /data/in.txt; echo from the container > /data/out.txt; cat /etc/test.conf; "
+              "echo x 2>/dev/null > /etc/test.conf || echo refused")  # fmt: skip
+    mounts = ("--mount", f"type=bind,src={volume},dst=/data,options=rbind:rw",
+              "--mount", f"type=bind,src={conf},dst=/etc/test.conf,options=rbind:ro")  # fmt: skip
+    res = run(clean, "binds", "sh", "-c", script, options=mounts)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"from the host\nnameserver 10.0.0.53\nrefused\n", res.stdout
+    assert (volume / "out.txt").read_text() == "from the container\n"  # written through
+    assert conf.read_text() == "nameserver 10.0.0.53\n"
+    shim_dir = os.environ["BULKHEAD_SHIM_DIR"]
+    assert not [m for m in cs.mount_points() if m.startswith(shim_dir)]
+
+
 def test_killing_qemu_reports_the_exit_to_containerd(clean: cs.Containerd) -> None:
     events = clean.ctr_popen("events", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     args = clean.run_args(clean.ref, "doomed", "sleep", "600", runtime=RUNTIME, rm=False,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bulkhead_agent.linux.mounts import is_mount_point
 
+from . import host_mounts
 from .cli import Flags
 from .pod_state import PodPaths, PodState, pod_id, read_spec, shim_alive
 from .rootfs import unmount_rootfs
@@ -61,6 +62,7 @@ def clean_pod(paths: PodPaths, state: PodState) -> None:
         if record.rootfs and is_mount_point(record.rootfs):
             with contextlib.suppress(OSError):
                 unmount_rootfs(record.rootfs)
+        host_mounts.release(record.host_mounts)
     if state.sandbox:
         from bulkhead import Sandbox
         from bulkhead.errors import BulkheadError
@@ -70,4 +72,5 @@ def clean_pod(paths: PodPaths, state: PodState) -> None:
     state.containers.clear()
     state.sandbox = ""
     if shim_alive(paths) is None:
+        host_mounts.unmount_below(paths.dir)  # rmtree would delete host files through one
         shutil.rmtree(paths.dir, ignore_errors=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from bulkhead import Sandbox
 
+from . import host_mounts
 from .pod_network import network_namespace, pod_network
 from .pod_state import PodPaths, PodState
 
@@ -31,6 +32,7 @@ class Pod:
         self._sandbox: Sandbox | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._mounts_guest_dir = ""
 
     @property
     def up(self) -> bool:
@@ -72,6 +74,17 @@ class Pod:
             with_stale.down(timeout=10)
         return Sandbox.up(self.paths.sandbox_name, **options)
 
+    def mounts_share(self) -> str:
+        """The pod's share of host bind mounts (``host_mounts``), added on first need; its
+        mount point in the guest."""
+        sandbox = self.sandbox()
+        with self._lock:
+            if not self._mounts_guest_dir:
+                self.paths.mounts_dir.mkdir(mode=0o700, exist_ok=True)
+                info = sandbox.add_share(self.paths.mounts_dir, host_mounts.SHARE_ID)
+                self._mounts_guest_dir = info.mount_point
+            return self._mounts_guest_dir
+
     def _watch(self) -> None:
         sandbox = self._sandbox
         while sandbox is not None and not self._stopping.wait(WATCH_INTERVAL):
@@ -85,6 +98,7 @@ class Pod:
         self._stopping.set()
         with self._lock:
             sandbox, self._sandbox = self._sandbox, None
+            self._mounts_guest_dir = ""
         if sandbox is not None:
             try:
                 sandbox.down(timeout=10)

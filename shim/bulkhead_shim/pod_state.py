@@ -90,6 +90,11 @@ class PodPaths:
         return self.dir / "shim.log"
 
     @property
+    def mounts_dir(self) -> Path:
+        """Where the containers' host bind mounts are made again, shared into the VM."""
+        return self.dir / "mounts"
+
+    @property
     def sandbox_name(self) -> str:
         """The pod's sandbox in ``bulkhead sandbox list``: ``shim-`` and the key."""
         return f"shim-{self.key[:12]}"
@@ -100,6 +105,7 @@ class ContainerRecord:
     bundle: str
     rootfs: str = ""  # host mount point we made (bundle/rootfs), "" if none
     share: str = ""  # the virtio-fs storage id in the guest, "" if none
+    host_mounts: list[str] = field(default_factory=list)  # host_mounts.carry's mount points
 
 
 @dataclass

@@ -13,6 +13,7 @@ import socket
 import threading
 from pathlib import Path
 
+from . import host_mounts
 from .cli import Flags
 from .pod_state import PodPaths, PodState
 from .start import SOCKET_FD_ENV
@@ -73,6 +74,7 @@ def _remove(paths: PodPaths) -> None:
         paths.state_file.unlink()
         paths.pid_file.unlink()
     logging.shutdown()
+    host_mounts.unmount_below(paths.dir)  # rmtree would delete host files through one
     shutil.rmtree(paths.dir, ignore_errors=True)
 
 

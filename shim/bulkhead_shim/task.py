@@ -35,6 +35,7 @@ from bulkhead.details import ProcessExit
 from bulkhead.errors import AgentError, BulkheadError, FailedPrecondition, NotFound
 from bulkhead.process import Process
 
+from . import host_mounts
 from . import rootfs as host_rootfs
 from .api import cgroups_v2_pb2 as metrics_pb2
 from .api import events_pb2, shim_pb2
@@ -181,10 +182,17 @@ class TaskService:
         task.record.share = share
         self.state.save(self.paths)
         clock.lap("share")
+        container_spec = guest_spec(spec, task.id)
+        guest_dir = self.pod.mounts_share() if host_mounts.needs_share(container_spec) else ""
+        try:
+            made = host_mounts.carry(container_spec, task.id, self.paths.mounts_dir, guest_dir)
+        except OSError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"create: mounts: {exc}") from exc
+        task.record.host_mounts = made
+        self.state.save(self.paths)
+        clock.lap("mounts")
         client = sandbox.agent
-        task.init.pid = client.create_container(
-            task.id, guest_spec(spec, task.id), rootfs_storage=share
-        )
+        task.init.pid = client.create_container(task.id, container_spec, rootfs_storage=share)
         task.container = Container(client, task.id, tty=req.terminal)
         process = task.container.attach(stdin=True)
         self._relay(task.init, process)
@@ -213,6 +221,8 @@ class TaskService:
             _quietly(self.pod.sandbox().remove_share, task.record.share)
         if task.record.rootfs:
             _quietly(host_rootfs.unmount_rootfs, task.record.rootfs)
+        if task.record.host_mounts:
+            _quietly(host_mounts.release, task.record.host_mounts)
         with self._lock:
             self.tasks.pop(task.id, None)
             self.state.containers.pop(task.id, None)
