@@ -249,6 +249,8 @@ def cni_netns() -> Iterator[tuple[str, str]]:
         ["ip", "-n", pod, "addr", "add", f"{POD_IP}/24", "dev", "eth0"],
         ["ip", "-n", pod, "link", "set", "eth0", "up"],
         ["ip", "-n", pod, "route", "add", "default", "via", NODE_IP],
+        ["ip", "-n", pod, "addr", "add", "fd00:89::5/64", "dev", "eth0", "nodad"],
+        ["ip", "-n", pod, "-6", "route", "add", "default", "via", "fd00:89::1", "dev", "eth0"],
         ["ip", "-n", node, "addr", "add", f"{NODE_IP}/24", "dev", "node0"],
         ["ip", "-n", node, "link", "set", "node0", "up"],
         ["ip", "-n", node, "link", "set", "lo", "up"],
@@ -277,12 +279,13 @@ def test_a_cni_network_namespace_becomes_the_pod_vm_network(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        res = run(clean, "cni", "sh", "-c", f"ip -o link; ip -o addr; ip route; nc {NODE_IP} 5000",
-                  options=("--with-ns", f"network:{pod_path}"))  # fmt: skip
+        script = f"ip -o link; ip -o addr; ip route; ip -6 route; nc {NODE_IP} 5000"
+        res = run(clean, "cni", "sh", "-c", script, options=("--with-ns", f"network:{pod_path}"))
         assert res.returncode == 0, res.stderr
         out = res.stdout.decode()
         assert f"inet {POD_IP}/24" in out, out  # the pod's address, in the guest
         assert f"default via {NODE_IP}" in out, out
+        assert "inet6 fd00:89::5/64" in out and "default via fd00:89::1" in out, out
         assert "eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400" in out, out  # the veth's
         assert "hello from the node" in out, out  # through the tap, tc and the veth
         assert server.wait(30) == 0

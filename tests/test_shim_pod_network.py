@@ -39,6 +39,8 @@ def cni() -> Iterator[tuple[str, str]]:
         ip("-n", pod, "link", "set", "eth0", "up")
         ip("-n", pod, "route", "add", "default", "via", "10.89.0.1")
         ip("-n", pod, "route", "add", "10.96.0.0/12", "via", "10.89.0.1")
+        ip("-n", pod, "addr", "add", "fd00:89::5/64", "dev", "eth0", "nodad")
+        ip("-n", pod, "-6", "route", "add", "default", "via", "fd00:89::1", "dev", "eth0")
         ip("-n", node, "addr", "add", "10.89.0.1/24", "dev", "node0")
         ip("-n", node, "link", "set", "node0", "up")
         yield f"/run/netns/{pod}", node
@@ -63,12 +65,13 @@ def test_the_guest_gets_the_pod_interface_as_cni_made_it(cni: tuple[str, str]) -
     assert (nic.subnet, nic.guest_address, nic.host_address) == ("10.89.0.0/24", "10.89.0.5",
                                                                   "10.89.0.1")  # fmt: skip
     assert spec.interfaces == (
-        Interface("0a:58:0a:59:00:05", ("10.89.0.5/24",), name="eth0", mtu=1450),
+        Interface("0a:58:0a:59:00:05", ("10.89.0.5/24", "fd00:89::5/64"), name="eth0", mtu=1450),
     )
     # The plugin's routes; the subnet route the kernel made for the address is the guest's own.
     assert spec.routes == (
         Route("default", gateway="10.89.0.1", device="eth0"),
         Route("10.96.0.0/12", gateway="10.89.0.1", device="eth0"),
+        Route("::/0", gateway="fd00:89::1", device="eth0"),
     )
 
 

@@ -35,6 +35,7 @@ def pod_network(path: str) -> tuple[list[Nic], NetworkSpec]:
     """The NICs that take over the namespace at ``path``, and the guest's spec to match it."""
     links = json.loads(netns.ip(path, "-j", "addr", "show") or "[]")
     routes = json.loads(netns.ip(path, "-j", "route", "show") or "[]")
+    routes6 = json.loads(netns.ip(path, "-6", "-j", "route", "show") or "[]")
     nics: list[Nic] = []
     interfaces: list[Interface] = []
     for link in links:
@@ -61,14 +62,18 @@ def pod_network(path: str) -> tuple[list[Nic], NetworkSpec]:
     names = {i.name for i in interfaces}
     # The kernel makes the subnet routes of the addresses itself.
     guest_routes = tuple(
-        _route(r) for r in routes if r.get("dev") in names and r.get("protocol") != "kernel"
+        _route(r, v6)
+        for v6, table in ((False, routes), (True, routes6))
+        for r in table
+        if r.get("dev") in names and r.get("protocol") != "kernel"
     )
     spec = NetworkSpec(interfaces=tuple(interfaces), routes=guest_routes)
     log.info("pod network %s: %s", path, [(n.mirror, n.guest_interface) for n in nics])
     return nics, spec
 
 
-def _route(r: dict[str, Any]) -> Route:
+def _route(r: dict[str, Any], v6: bool) -> Route:
     scope = r.get("scope", "")
-    return Route(r["dst"], gateway=r.get("gateway", ""), device=r.get("dev", ""),
+    destination = "::/0" if v6 and r["dst"] == "default" else r["dst"]
+    return Route(destination, gateway=r.get("gateway", ""), device=r.get("dev", ""),
                  scope="" if scope == "global" else scope)  # fmt: skip
