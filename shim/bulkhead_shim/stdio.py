@@ -203,20 +203,17 @@ class Relay:
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
-        writer_gone = False  # the writer closed the FIFO before Start
         try:
             while True:
                 events = selector.select()
                 readable = {key.fd for key, _ in events}
-                if fd in readable and self._forward(fd) is _EOF:
+                if fd in readable and self._forward(fd) is _Read.EOF:
                     # Linux polls an emptied FIFO readable for ever once its writer has gone.
                     selector.unregister(fd)
-                    writer_gone = True
                 if self._wake_r in readable:
                     os.read(self._wake_r, 64)
                     if self._stdin_closing.is_set():
-                        if not writer_gone:
-                            self._drain(fd)  # CloseIO: what was written before it, then EOF
+                        self._drain(fd)  # CloseIO: what was written before it, then EOF
                         break
                     if self._started.is_set() and self._own_writer is None:
                         self._drain(fd)
@@ -235,30 +232,27 @@ class Relay:
                         with contextlib.suppress(OSError):
                             os.close(end)
 
-    def _drain(self, fd: int) -> bool:
-        """Forward what the FIFO holds now; True if its writer has gone (EOF)."""
+    def _drain(self, fd: int) -> None:
+        """Forward what the FIFO holds now (up to an EOF, if its writer has gone)."""
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        while poller.poll(0):
-            got = self._forward(fd)
-            if got is not _MORE:
-                return got is _EOF
-        return False
+        while poller.poll(0) and self._forward(fd) is _Read.MORE:
+            pass
 
     def _forward(self, fd: int) -> _Read:
-        """Copy one chunk from the FIFO to the process: _MORE, _EMPTY (nothing there now) or
-        _EOF. Only called once poll said readable: a FIFO no writer has opened yet reads as
+        """Copy one chunk from the FIFO to the process: MORE, EMPTY (nothing there now) or
+        EOF. Only called once poll said readable: a FIFO no writer has opened yet reads as
         EOF too, but Linux polls it readable only once a writer has come (and data or its
         close with it)."""
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
-            return _EMPTY
+            return _Read.EMPTY
         if not data:
-            return _EOF
+            return _Read.EOF
         if self.process.attachment is not None:
             self.process.attachment.write_stdin(data)
-        return _MORE
+        return _Read.MORE
 
     def _stop_stdin(self) -> None:
         if self._stdin_thread is not None and self._stdin_thread.is_alive():
@@ -275,9 +269,6 @@ class _Read(enum.Enum):
     MORE = "more"
     EMPTY = "nothing there now"
     EOF = "eof"
-
-
-_MORE, _EMPTY, _EOF = _Read.MORE, _Read.EMPTY, _Read.EOF
 
 
 def _writer_gone(fd: int) -> bool:
