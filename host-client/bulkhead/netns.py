@@ -61,6 +61,11 @@ def ip(netns: str, *args: str) -> str:
     return _run(["nsenter", f"--net={netns_path(netns)}", "ip", *args])
 
 
+def tc(netns: str, *args: str) -> str:
+    """Run ``tc ARGS`` in ``netns``; its output."""
+    return _run(["nsenter", f"--net={netns_path(netns)}", "tc", *args])
+
+
 def _ip_run(*args: str) -> str:
     return _run(["ip", *args])
 
@@ -128,19 +133,17 @@ def redirect(netns: str, interface: str, tap: str) -> None:
     The namespace's own stack then sees none of ``interface``'s traffic: the guest behind
     the tap answers for its addresses instead.
     """
+    every_frame = ("protocol", "all", "u32", "match", "u32", "0", "0")
     for src, dst in ((interface, tap), (tap, interface)):
-        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "qdisc", "replace", "dev", src,
-              "ingress"])  # fmt: skip
-        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "filter", "add", "dev", src,
-              "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0",
-              "action", "mirred", "egress", "redirect", "dev", dst])  # fmt: skip
+        tc(netns, "qdisc", "replace", "dev", src, "ingress")
+        tc(netns, "filter", "add", "dev", src, "parent", "ffff:", *every_frame,
+           "action", "mirred", "egress", "redirect", "dev", dst)  # fmt: skip
 
 
 def unredirect(netns: str, interface: str) -> None:
     """Undo ``redirect`` on ``interface`` (the tap's side went with the tap)."""
     if netns_path(netns).exists():
-        _run(["nsenter", f"--net={netns_path(netns)}", "tc", "qdisc", "del", "dev", interface,
-              "ingress"])  # fmt: skip
+        tc(netns, "qdisc", "del", "dev", interface, "ingress")
 
 
 def _enter(path: Path) -> None:

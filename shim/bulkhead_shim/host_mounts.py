@@ -23,10 +23,11 @@ from typing import Any
 
 from bulkhead_agent.linux import mounts
 
+from .rootfs import unmount_rootfs
+
 log = logging.getLogger(__name__)
 
 SHARE_ID = "pod-mounts"  # the virtio-fs storage of the pod's host mounts
-MNT_DETACH = 2
 SHM = {
     "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
@@ -90,12 +91,10 @@ def release(targets: list[str]) -> None:
     """Unmount what ``carry`` made (lazily: the guest may still hold it open) and remove the
     mount points. Never a recursive removal: through a mount it would delete host files."""
     for target in targets:
-        while mounts.is_mount_point(target):
-            try:
-                mounts.umount2(target, MNT_DETACH)
-            except OSError as exc:
-                log.warning("unmounting %s: %s", target, exc)
-                break
+        try:
+            unmount_rootfs(target)
+        except OSError as exc:
+            log.warning("unmounting %s: %s", target, exc)
         with contextlib.suppress(OSError):
             if os.path.isdir(target) and not os.path.islink(target):
                 os.rmdir(target)
@@ -109,4 +108,4 @@ def unmount_below(directory: Path) -> None:
     below = [m.mount_point for m in mounts.mount_table() if m.mount_point.startswith(prefix)]
     for point in sorted(below, key=len, reverse=True):  # the deepest first
         with contextlib.suppress(OSError):
-            mounts.umount2(os.fsdecode(point), MNT_DETACH)
+            mounts.umount2(os.fsdecode(point), mounts.MNT_DETACH)

@@ -15,8 +15,6 @@ from typing import Protocol
 
 from bulkhead_agent.linux import mounts
 
-MNT_DETACH = 2
-
 
 class MountLike(Protocol):
     type: str
@@ -60,11 +58,12 @@ def _mount_one(m: MountLike, target: str) -> None:
 
 
 def unmount_rootfs(target: str) -> None:
-    """Unmount what ``mount_rootfs`` put on ``target`` (lazily, so a straggling reader such as
-    a virtiofsd that is exiting cannot make the delete fail); nothing there is fine."""
+    """Unmount what ``mount_rootfs`` (or ``host_mounts``) put on ``target``, all of it and
+    lazily, so that a straggling reader such as a virtiofsd that is exiting cannot make the
+    delete fail; nothing there is fine."""
     while mounts.is_mount_point(target):
         try:
-            mounts.umount2(target, MNT_DETACH)
+            mounts.umount2(target, mounts.MNT_DETACH)
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.ENOENT):
                 return

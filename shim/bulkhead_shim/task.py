@@ -188,8 +188,9 @@ class TaskService:
             made = host_mounts.carry(container_spec, task.id, self.paths.mounts_dir, guest_dir)
         except OSError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"create: mounts: {exc}") from exc
-        task.record.host_mounts = made
-        self.state.save(self.paths)
+        if made:
+            task.record.host_mounts = made
+            self.state.save(self.paths)
         clock.lap("mounts")
         client = sandbox.agent
         task.init.pid = client.create_container(task.id, container_spec, rootfs_storage=share)
