@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_agent_support import Agent, short_tmpdir, start_agent, wait_for
 
 from bulkhead import Sandbox
-from bulkhead.errors import OutOfRange
+from bulkhead.client import AgentClient
+from bulkhead.errors import AgentError, Cancelled, OutOfRange, Unavailable
 from bulkhead.events import Event
 from bulkhead.metrics import SandboxesCollector, labelled, merge, parse_listen, serve
 from bulkhead_proto.v1 import agent_pb2
@@ -125,6 +126,34 @@ def test_events_resume_from_the_last_seq_across_an_agent_restart(
         (2, "agent_restarted", 2),
     ]
     stream.close()
+
+
+def test_a_stream_dialled_as_the_agent_stops_ends_and_never_hangs(
+    sandboxes: list[FakeSandbox], state_dir: Path
+) -> None:
+    """The race behind a stream that never returned: the call goes out while the agent is
+    stopping. It must end (an event, or an error to dial again on), within a deadline."""
+    alpha = sandboxes[0]
+    for attempt in range(20):
+        client = AgentClient(str(alpha.agent.socket_path))
+        outcome: list[object] = []
+
+        def read(client: AgentClient = client, outcome: list[object] = outcome) -> None:
+            try:
+                with client.events(since=0) as stream:
+                    outcome.append(next(stream))
+            except AgentError as exc:
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        alpha.restart_agent()
+        reader.join(30)
+        try:
+            assert not reader.is_alive(), f"attempt {attempt}: the stream never ended"
+            assert outcome and isinstance(outcome[0], Unavailable | Cancelled | Event), outcome
+        finally:
+            client.close()
 
 
 def test_event_stream_positions_and_errors(sandboxes: list[FakeSandbox], state_dir: Path) -> None:

@@ -41,6 +41,14 @@ _CHANNEL_OPTIONS = [
     # Each client gets its own connection (and so its own agent session)
     # instead of sharing one with every channel to the same target.
     ("grpc.use_local_subchannel_pool", 1),
+    # No transparent retries. A server-streaming call started as the agent stops
+    # (its GOAWAY, then the socket gone) was retried by gRPC core dozens of times
+    # on the dying connection and then never completed at the surface: the
+    # caller's next() waited forever (grpcio 1.85, about 1 in 10 restarts under
+    # load). Without them it fails with UNAVAILABLE, which is what
+    # Sandbox.events() and reattaching already handle by dialling again; a retry
+    # would have gone to a socket with no agent behind it anyway.
+    ("grpc.enable_retries", 0),
 ]
 
 _GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
