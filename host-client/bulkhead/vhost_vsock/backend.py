@@ -377,6 +377,7 @@ class Backend:
         vring = self._vring(state.index)
         if vring.queue is not None:
             vring.base = vring.queue.last_avail_idx
+        log.info("queue %d stopped at available index %d", vring.index, vring.base)
         self._stop_vring(vring)
         if vring.index in (RX_QUEUE, TX_QUEUE):
             # The device is stopping (guest reset, VM stop): its connections are over.
@@ -495,6 +496,12 @@ class Backend:
             queue.used_idx = keep.used_idx
         vring.queue = queue
         vring.broken = False
+        # Rare (set-up, reset, memory changes) and what to look at when a ring goes wrong.
+        log.info(
+            "queue %d: %d entries, next available %d, used index %d%s",
+            vring.index, num, queue.last_avail_idx, queue.used_idx,
+            " (kept)" if keep is not None else "",
+        )  # fmt: skip
 
     def _stop_vring(self, vring: Vring) -> None:
         if vring.kick is not None:
