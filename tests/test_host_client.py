@@ -125,6 +125,43 @@ def test_every_call_takes_a_timeout(client: AgentClient) -> None:
     assert time.monotonic() - started < 5
 
 
+class _NeverDone(grpc.Future):
+    """A call gRPC never completes (what a lost completion looks like to the caller)."""
+
+    def __init__(self) -> None:
+        self.cancelled_by_caller = False
+
+    def result(self, timeout=None):
+        time.sleep(timeout)
+        raise grpc.FutureTimeoutError()
+
+    def cancel(self) -> bool:
+        self.cancelled_by_caller = True
+        return True
+
+    cancelled = running = done = exception = traceback = add_done_callback = None
+
+
+def test_a_call_grpc_never_completes_still_ends_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bulkhead import client as client_module
+
+    monkeypatch.setattr(client_module, "LOST_CALL_GRACE", 0.2)
+    lost = _NeverDone()
+
+    class Rpc:
+        def future(self, request, timeout):
+            assert timeout == 0.3  # gRPC still gets the deadline itself
+            return lost
+
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded, match="abandoned") as caught:
+        client_module.call("bulkhead.v1.Agent/AddEntropy", Rpc(), None, 0.3)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert caught.value.method == "bulkhead.v1.Agent/AddEntropy" and lost.cancelled_by_caller
+
+
 def test_no_server_is_unavailable_naming_the_socket(tmp_path: Path) -> None:
     missing = tmp_path / "nobody.sock"
     with AgentClient(missing, timeout=2) as c, pytest.raises(errors.Unavailable) as caught:

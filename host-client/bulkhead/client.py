@@ -446,13 +446,41 @@ class AgentClient:
     def _call(self, method: str, rpc: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         if "/" not in method:
             method = f"bulkhead.v1.Agent/{method}"
-        if timeout is None:
-            timeout = self.timeout
+        return call(method, rpc, request, self.timeout if timeout is None else timeout)
+
+
+# How long past its deadline a call may take to come back before it is abandoned.
+LOST_CALL_GRACE = 5.0
+
+
+def call(method: str, rpc: Any, request: Any, timeout: float) -> Any:
+    """One unary (or stream-unary) call with a deadline of ``timeout`` seconds that holds even
+    if gRPC never completes the call; ``math.inf``: no deadline at all (a wait that lasts as
+    long as a process runs).
+
+    gRPC enforces the deadline itself, but twice now a call has been seen never to come back
+    to its caller (see ``_CHANNEL_OPTIONS``; once with a 10 s deadline, blocked for minutes
+    after the guest's vsock ring broke). So the caller waits for the call's future, not for
+    gRPC: a call still open ``LOST_CALL_GRACE`` after its deadline is cancelled and raises
+    ``DeadlineExceeded``, and its caller can go on.
+    """
+    if timeout == math.inf:
         try:
-            # math.inf: no deadline at all (a wait that lasts as long as a process runs).
-            return rpc(request, timeout=None if timeout == math.inf else timeout)
+            return rpc(request)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method) from exc
+    future = rpc.future(request, timeout=timeout)
+    try:
+        return future.result(timeout=timeout + LOST_CALL_GRACE)
+    except grpc.FutureTimeoutError:
+        future.cancel()
+        raise DeadlineExceeded(
+            f"no answer {timeout + LOST_CALL_GRACE:g}s after the call began (its deadline "
+            f"was {timeout:g}s); abandoned",
+            method=method,
+        ) from None
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc, method) from exc
 
 
 def _json(value: dict[str, Any] | bytes) -> bytes:

@@ -23,7 +23,8 @@ import grpc
 
 from bulkhead_proto.v1 import storage_pb2, storage_pb2_grpc
 
-from .errors import BulkheadError, from_rpc_error
+from .client import call
+from .errors import BulkheadError
 
 pb = storage_pb2
 CHUNK = 1024 * 1024  # the agent takes up to 1 MiB per message
@@ -263,9 +264,5 @@ class StorageClient:
         return reply.path
 
     def _call(self, method: str, rpc: Any, request: Any, timeout: float | None) -> Any:
-        if timeout is None:
-            timeout = self.timeout
-        try:
-            return rpc(request, timeout=None if timeout == math.inf else timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"bulkhead.v1.Storage/{method}") from exc
+        timeout = self.timeout if timeout is None else timeout
+        return call(f"bulkhead.v1.Storage/{method}", rpc, request, timeout)
