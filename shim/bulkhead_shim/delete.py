@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -72,5 +71,4 @@ def clean_pod(paths: PodPaths, state: PodState) -> None:
     state.containers.clear()
     state.sandbox = ""
     if shim_alive(paths) is None:
-        host_mounts.unmount_below(paths.dir)  # rmtree would delete host files through one
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        host_mounts.remove_tree(paths.dir)

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,10 @@ def unmount_below(directory: Path) -> None:
     for point in sorted(below, key=len, reverse=True):  # the deepest first
         with contextlib.suppress(OSError):
             mounts.umount2(os.fsdecode(point), mounts.MNT_DETACH)
+
+
+def remove_tree(directory: Path) -> None:
+    """Remove a pod's directory: first whatever is still mounted below it, since a recursive
+    removal through a bind mount would delete host files."""
+    unmount_below(directory)
+    shutil.rmtree(directory, ignore_errors=True)

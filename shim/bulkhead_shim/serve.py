@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -74,8 +73,7 @@ def _remove(paths: PodPaths) -> None:
         paths.state_file.unlink()
         paths.pid_file.unlink()
     logging.shutdown()
-    host_mounts.unmount_below(paths.dir)  # rmtree would delete host files through one
-    shutil.rmtree(paths.dir, ignore_errors=True)
+    host_mounts.remove_tree(paths.dir)
 
 
 def _setup_logging(paths: PodPaths, bundle: Path | None, debug: bool) -> None:
