@@ -90,9 +90,35 @@ def test_unpop_gives_the_chain_back(ring) -> None:
     head = driver.add_chain([(alloc.take(8), 8, True)])
     chain = queue.pop()
     assert chain is not None
-    queue.unpop()
+    queue.unpop(chain)
     again = queue.pop()
     assert again is not None and again.head == head
+
+
+def test_a_head_goes_back_once_and_only_if_it_was_taken(ring) -> None:
+    # A second return of the same head is what a Linux guest reports as "id N is
+    # not a head!" before giving the queue up: refused here, the guest never sees it.
+    driver, queue, alloc = ring
+    head = driver.add_chain([(alloc.take(8), 8, True)])
+    chain = queue.pop()
+    assert chain is not None
+    queue.push(chain.head, 8)
+    with pytest.raises(QueueError, match=f"head {head}, which the device does not hold"):
+        queue.push(chain.head, 8)
+    with pytest.raises(QueueError, match="does not hold"):
+        queue.push((head + 1) % SIZE, 0)  # never taken at all
+    assert driver.take_used() == [(head, 8)]
+
+
+def test_an_unpopped_chain_is_no_longer_held(ring) -> None:
+    driver, queue, alloc = ring
+    driver.add_chain([(alloc.take(8), 8, True)])
+    chain = queue.pop()
+    assert chain is not None
+    queue.unpop(chain)
+    with pytest.raises(QueueError, match="does not hold"):
+        queue.push(chain.head, 0)
+    assert driver.take_used() == []
 
 
 # --- a hostile guest ----------------------------------------------------------
@@ -211,3 +237,13 @@ def test_bad_ring_layouts_are_refused() -> None:
     with pytest.raises(QueueError, match="descriptor table"):
         # A 64 KiB table 16 bytes into 64 KiB of memory: its last entry is outside.
         Virtqueue(mem, 4096, base + 16, base + 0x1000, base + 0x2000)
+
+
+def test_a_head_offered_again_while_the_device_holds_it_breaks_the_queue(ring) -> None:
+    driver, queue, alloc = ring
+    head = driver.add_chain([(alloc.take(8), 8, True)])
+    driver.publish(head)  # the same chain again, before it came back
+    chain = queue.pop()
+    assert chain is not None and chain.head == head
+    with pytest.raises(QueueError, match=f"head {head} offered again while in use"):
+        queue.pop()

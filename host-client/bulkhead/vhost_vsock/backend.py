@@ -494,6 +494,7 @@ class Backend:
             return
         if keep is not None:
             queue.used_idx = keep.used_idx
+            queue.held = keep.held
         vring.queue = queue
         vring.broken = False
         # Rare (set-up, reset, memory changes) and what to look at when a ring goes wrong.
@@ -593,7 +594,7 @@ class Backend:
                     queue.push(chain.head, 0)
                     used += 1
                     continue
-                queue.unpop()
+                queue.unpop(chain)
                 break
             try:
                 written = chain.write(queue.memory, pkt.encode())

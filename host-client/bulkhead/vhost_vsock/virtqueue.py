@@ -14,6 +14,13 @@ writable one, or an available index more than ``size`` ahead are refused with
 ``ChainError`` (the chain is dropped, and returned to the guest when its head
 is known) or ``QueueError`` (the ring as a whole is broken).
 
+The device side keeps one invariant of its own: a head goes back to the driver
+only while the device holds it (taken by ``pop``, not yet pushed). Returning a
+head twice is the one device mistake a Linux guest cannot survive (it reports
+"id N is not a head!" and stops using the queue for good), so ``push`` refuses
+it with ``QueueError``: the queue stops here, with a log naming the head,
+rather than in the guest.
+
 Ordering: the device reads the available index before the entries it covers
 and writes a used entry before the used index. CPython does each of these as
 a plain memory copy in program order, and x86-64 (TSO) neither reorders loads
@@ -148,6 +155,7 @@ class Virtqueue:
         self.last_avail_idx = last_avail_idx & 0xFFFF
         # Where the previous user of the ring (or the reset driver: 0) left it.
         self.used_idx = memory.read_u16(used + 2)
+        self.held: set[int] = set()  # heads taken by pop and not yet pushed back
 
     def __repr__(self) -> str:
         return f"Virtqueue(index={self.index}, size={self.size})"
@@ -174,6 +182,11 @@ class Virtqueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.size:
             raise ChainError(f"queue {self.index}: chain head {head} is beyond the table")
+        if head in self.held:
+            # The driver offered a chain it has not had back; taking it again would
+            # mean returning it twice. Its own ring is broken.
+            raise QueueError(f"queue {self.index}: head {head} offered again while in use")
+        self.held.add(head)  # before the walk: a bad chain still goes back by its head
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
@@ -205,14 +218,21 @@ class Virtqueue:
             f"queue {self.index}: chain from {head} is longer than the queue (a loop?)", head
         )
 
-    def unpop(self) -> None:
-        """Give back the chain last taken by ``pop`` (nothing was written to it)."""
+    def unpop(self, chain: Chain) -> None:
+        """Give back ``chain``, the one last taken by ``pop`` (nothing was written to it)."""
+        self.held.discard(chain.head)
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
 
     # -- the used side --
 
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver, ``written`` bytes of it filled."""
+        if head not in self.held:
+            raise QueueError(
+                f"queue {self.index}: refusing to return head {head}, which the device "
+                "does not hold (already returned, or never taken)"
+            )
+        self.held.discard(head)
         slot = self.used_idx % self.size
         self.memory.write(self.used + 4 + 8 * slot, _USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
