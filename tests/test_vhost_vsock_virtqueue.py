@@ -110,6 +110,21 @@ def test_a_head_goes_back_once_and_only_if_it_was_taken(ring) -> None:
     assert driver.take_used() == [(head, 8)]
 
 
+def test_a_used_index_someone_else_wrote_stops_the_queue(ring) -> None:
+    driver, queue, alloc = ring
+    buf = alloc.take(8)
+    driver.add_chain([(buf, 8, True)])
+    chain = queue.pop()
+    assert chain is not None
+    queue.push(chain.head, 8)
+    driver.memory.write_u16(driver.used + 2, 7)  # not the device's 1
+    driver.add_chain([(buf, 8, True)])
+    chain = queue.pop()
+    assert chain is not None
+    with pytest.raises(QueueError, match="used index is 7 in guest memory, not 1"):
+        queue.push(chain.head, 8)
+
+
 def test_an_unpopped_chain_is_no_longer_held(ring) -> None:
     driver, queue, alloc = ring
     driver.add_chain([(alloc.take(8), 8, True)])

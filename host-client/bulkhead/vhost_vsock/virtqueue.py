@@ -19,7 +19,9 @@ only while the device holds it (taken by ``pop``, not yet pushed). Returning a
 head twice is the one device mistake a Linux guest cannot survive (it reports
 "id N is not a head!" and stops using the queue for good), so ``push`` refuses
 it with ``QueueError``: the queue stops here, with a log naming the head,
-rather than in the guest.
+rather than in the guest. For the same reason ``push`` checks that the used
+index in guest memory is still the one it last wrote: only the device writes
+it, and a different value would have the guest read stale entries.
 
 Ordering: the device reads the available index before the entries it covers
 and writes a used entry before the used index. CPython does each of these as
@@ -231,6 +233,15 @@ class Virtqueue:
             raise QueueError(
                 f"queue {self.index}: refusing to return head {head}, which the device "
                 "does not hold (already returned, or never taken)"
+            )
+        seen = self.memory.read_u16(self.used + 2)
+        if seen != self.used_idx:
+            # Only the device writes the used index. A different value means another
+            # writer, or a stale copy of this queue: either way more pushes would hand
+            # the guest entries from an earlier lap of the ring.
+            raise QueueError(
+                f"queue {self.index}: the used index is {seen} in guest memory, "
+                f"not {self.used_idx} as the device last wrote it"
             )
         self.held.discard(head)
         slot = self.used_idx % self.size
