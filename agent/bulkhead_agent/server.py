@@ -45,6 +45,11 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     # One local socket, relayed: port sharing would only hide a second agent.
     ("grpc.so_reuseport", 0),
+    # The host client pings during open calls to notice a channel gone silent. By
+    # default gRPC answers pings more often than every 5 minutes on a call with no
+    # data (a quiet process's stdio) with GOAWAY, which would cut that stream off.
+    # The only peer is the host, which owns the channel: bear its pings at any rate.
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 

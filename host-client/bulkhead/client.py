@@ -51,6 +51,30 @@ _CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 
+# While a call is open, the channel pings the agent every KEEPALIVE seconds and gives
+# the connection up when a ping is not answered within as long again. Unary calls
+# have deadlines; a stream (a process's stdio, the event feed) has none, so without
+# pings a channel that went silent (a guest that hangs, a vsock ring that broke)
+# would keep a reader waiting for ever. With them the stream fails with UNAVAILABLE
+# within 2 x KEEPALIVE and the caller can reattach. The agent accepts pings at any
+# rate (its server options), so a long silent stream is not cut off for pinging.
+KEEPALIVE = 30.0
+
+
+def _channel_options(keepalive: float) -> list[tuple[str, int]]:
+    ms = max(1, round(keepalive * 1000))
+    return [
+        *_CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        # grpcio 1.85 waits for a ping's answer this long, not the keepalive timeout
+        # (60 s by default), before it gives the connection up.
+        ("grpc.http2.ping_timeout_ms", ms),
+        # Ping a stream that sends nothing either way (a quiet process): that is the case.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 _GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
 
 
@@ -73,13 +97,16 @@ class AgentClient:
     ``target`` is the sandbox's ``agent.sock`` (a path), or any gRPC target
     string (``unix:/path``, ``host:port`` for an agent's development TCP port).
     The channel connects lazily and reconnects by itself; ``close()`` it (or use
-    ``with``) when done.
+    ``with``) when done. ``keepalive`` is how often an open call pings the agent (and
+    how long a ping may go unanswered before the call fails with ``Unavailable``).
     """
 
-    def __init__(self, target: str | os.PathLike[str], timeout: float = 10.0) -> None:
+    def __init__(
+        self, target: str | os.PathLike[str], timeout: float = 10.0, *, keepalive: float = KEEPALIVE
+    ) -> None:
         self.target = grpc_target(target)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(self.target, options=_channel_options(keepalive))
         self._agent = agent_pb2_grpc.AgentStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._telemetry = agent_pb2_grpc.TelemetryStub(self._channel)
