@@ -506,3 +506,18 @@ def test_stopping_the_device_resets_its_connections(device, workdir: Path) -> No
         state = fe.call(vu.Request.GET_VRING_BASE, vu.VringState(1, 0).encode())
         assert vu.VringState.decode(state) == vu.VringState(1, 1)
         assert sock.recv(1) == b""  # the host connection went with the device
+
+
+def test_a_dump_request_logs_each_running_queue(
+    device, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, guest = device
+    caplog.set_level("INFO", logger="bulkhead.vhost_vsock.backend")
+    guest.post_rx(2)
+    backend.request_dump()  # what SIGUSR1 does in the backend process
+    deadline = time.monotonic() + DEADLINE
+    while "queue 1: size" not in caplog.text:
+        assert time.monotonic() < deadline, f"no dump logged: {caplog.text}"
+        time.sleep(0.05)
+    assert f"queue 0: size {QSIZE}; device: next available 0" in caplog.text
+    assert "queue 2: not running" in caplog.text

@@ -262,3 +262,16 @@ def test_a_head_offered_again_while_the_device_holds_it_breaks_the_queue(ring) -
     assert chain is not None and chain.head == head
     with pytest.raises(QueueError, match=f"head {head} offered again while in use"):
         queue.pop()
+
+
+def test_dump_shows_the_ring_and_the_last_pops_and_pushes(ring) -> None:
+    driver, queue, alloc = ring
+    head = driver.add_chain([(alloc.take(8), 8, True)])
+    chain = queue.pop()
+    assert chain is not None
+    queue.push(chain.head, 5)
+    text = queue.dump()
+    assert "next available 1, used index 1, holding []" in text
+    assert "avail flags 0 index 1, used flags 0 index 1" in text
+    assert f"used ring: {head}:5 " in text
+    assert f"history (oldest first): pop 0 1 {head}; push 0 {head} 5" in text

@@ -2,7 +2,8 @@
 
 The sockets exist once the process has logged "listening" (or, for a caller
 that waits on the file system, once ``S`` exists): QEMU can be started then.
-SIGTERM or SIGINT stops it, removing both sockets.
+SIGTERM or SIGINT stops it, removing both sockets. SIGUSR1 logs each queue's state
+(the ring in guest memory and the device's last pops and pushes).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         backend.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: backend.request_dump())
     signal.signal(signal.SIGINT, on_signal)
     log.info("listening: vhost-user %s, hybrid vsock %s, guest cid %d", args.socket,
              args.uds_path, args.cid)  # fmt: skip

@@ -119,6 +119,7 @@ class Backend:
         self.protocol_features = 0
         self.vrings = [Vring(i) for i in range(NUM_QUEUES)]
         self._again: set[int] = set()  # queues with work left after a batch
+        self._dump_asked = False
         self._hosts: dict[Connection, HostSocket] = {}
         self._lines: dict[socket.socket, HostSocket] = {}
         self._masks: dict[object, int] = {}
@@ -149,6 +150,9 @@ class Backend:
                         # A bug, not input we expected to refuse: log it, keep serving
                         # the other connections rather than take the guest's vsock down.
                         log.exception("unexpected error handling %s", key.data[0])
+                if self._dump_asked:
+                    self._dump_asked = False
+                    self._dump()
                 self._expire_lines()
                 for index in sorted(self._again):
                     self._again.discard(index)
@@ -162,6 +166,22 @@ class Backend:
         self._stopping = True
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
+
+    def request_dump(self) -> None:
+        """Have the loop log each queue's state and recent history (safe from a signal handler)."""
+        self._dump_asked = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _dump(self) -> None:
+        for vring in self.vrings:
+            if vring.queue is None:
+                log.info("queue %d: not running%s", vring.index, " (broken)" * vring.broken)
+                continue
+            try:
+                log.info("%s", vring.queue.dump())
+            except GuestMemoryError as exc:
+                log.info("queue %d: cannot read it: %s", vring.index, exc)
 
     def _timeout(self) -> float | None:
         if self._again:

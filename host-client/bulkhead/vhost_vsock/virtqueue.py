@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 from .memory import GuestMemory, GuestMemoryError
@@ -50,6 +51,10 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 
 AVAIL_F_NO_INTERRUPT = 1
+
+# How many of its last pops and pushes a queue remembers for ``dump`` (a post-mortem of
+# a ring the guest reports broken; an append to a bounded deque per chain).
+HISTORY = 512
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -158,6 +163,10 @@ class Virtqueue:
         # Where the previous user of the ring (or the reset driver: 0) left it.
         self.used_idx = memory.read_u16(used + 2)
         self.held: set[int] = set()  # heads taken by pop and not yet pushed back
+        self._avail_seen = 0
+        # ("pop", available index taken, available index seen, head) and
+        # ("push", used index written, head, bytes written), oldest first.
+        self.history: deque[tuple[str, int, int, int]] = deque(maxlen=HISTORY)
 
     def __repr__(self) -> str:
         return f"Virtqueue(index={self.index}, size={self.size})"
@@ -167,6 +176,7 @@ class Virtqueue:
     def pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
         avail_idx = self.memory.read_u16(self.avail + 2)
+        self._avail_seen = avail_idx
         n = (avail_idx - self.last_avail_idx) & 0xFFFF
         if n > self.size:
             raise QueueError(
@@ -181,6 +191,7 @@ class Virtqueue:
             return None
         slot = self.last_avail_idx % self.size
         head = self.memory.read_u16(self.avail + 4 + 2 * slot)
+        self.history.append(("pop", self.last_avail_idx, self._avail_seen, head))
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.size:
             raise ChainError(f"queue {self.index}: chain head {head} is beyond the table")
@@ -224,6 +235,7 @@ class Virtqueue:
         """Give back ``chain``, the one last taken by ``pop`` (nothing was written to it)."""
         self.held.discard(chain.head)
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        self.history.append(("unpop", self.last_avail_idx, self._avail_seen, chain.head))
 
     # -- the used side --
 
@@ -246,6 +258,7 @@ class Virtqueue:
         self.held.discard(head)
         slot = self.used_idx % self.size
         self.memory.write(self.used + 4 + 8 * slot, _USED_ELEM.pack(head, written))
+        self.history.append(("push", self.used_idx, head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.memory.write_u16(self.used + 2, self.used_idx)
 
@@ -253,3 +266,29 @@ class Virtqueue:
         """Whether the driver asked to be interrupted when we use buffers (after ``push``)."""
         full_barrier()  # the used index we wrote must be visible before we read the flag
         return not self.memory.read_u16(self.avail) & AVAIL_F_NO_INTERRUPT
+
+    def dump(self) -> str:
+        """The ring as guest memory has it and as the device sees it, and the device's last
+        pops and pushes: what to read when a guest reports the queue broken."""
+        m, n = self.memory, self.size
+        lines = [
+            f"queue {self.index}: size {n}; device: next available {self.last_avail_idx}, "
+            f"used index {self.used_idx}, holding {sorted(self.held)}",
+            f"  guest memory: avail flags {m.read_u16(self.avail)} index "
+            f"{m.read_u16(self.avail + 2)}, used flags {m.read_u16(self.used)} index "
+            f"{m.read_u16(self.used + 2)}",
+            "  avail ring: " + " ".join(str(m.read_u16(self.avail + 4 + 2 * i)) for i in range(n)),
+            "  used ring: "
+            + " ".join(
+                "{}:{}".format(*_USED_ELEM.unpack(m.read(self.used + 4 + 8 * i, 8)))
+                for i in range(n)
+            ),
+            "  descriptors (addr len flags next): "
+            + "; ".join(
+                "{}: {:#x} {} {} {}".format(i, *_DESC.unpack(m.read(self.desc + 16 * i, 16)))
+                for i in range(n)
+            ),
+            "  history (oldest first): "
+            + "; ".join(" ".join(map(str, entry)) for entry in self.history),
+        ]
+        return "\n".join(lines)
