@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -110,5 +112,47 @@ def test_regions_are_mapped_from_memfds_at_their_offset() -> None:
             # Past the end of the file: refused rather than SIGBUS later.
             big = [MemRegion(0, 1 << 40, 0, 0)]
             GuestMemory.map(big, [fd])
+    finally:
+        os.close(fd)
+
+
+# Another process (no shared GIL) reads the index the whole time, as the guest does.
+_WATCHER = """
+import mmap, os, struct, sys, time
+m = mmap.mmap(int(sys.argv[1]), 4096)
+u16 = struct.Struct("<H")
+end = time.monotonic() + float(sys.argv[2])
+reads = odd = 0
+while time.monotonic() < end:
+    for _ in range(10000):
+        if u16.unpack_from(m, 2)[0] not in (0x1234, 0xABCD):
+            odd += 1
+    reads += 10000
+print(reads, odd)
+"""
+
+
+def test_a_concurrent_reader_only_ever_sees_the_old_or_the_new_index() -> None:
+    # struct.pack_into clears its target first: a guest reading the used index in that
+    # instant saw 0 and took stale ring entries for new ones.
+    fd = os.memfd_create("ring")
+    os.ftruncate(fd, 4096)
+    try:
+        memory = GuestMemory.map([MemRegion(0x1000, 4096, 0, 0)], [fd])
+        memory.write_u16(0x1002, 0x1234)
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, str(fd), "1.5"],
+            pass_fds=[fd],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        value = 0x1234
+        while watcher.poll() is None:
+            for _ in range(1000):
+                value ^= 0x1234 ^ 0xABCD
+                memory.write_u16(0x1002, value)
+        reads, odd = map(int, watcher.communicate(timeout=30)[0].split())
+        assert reads > 100_000 and odd == 0, f"{odd} of {reads} reads saw neither value"
+        memory.close()
     finally:
         os.close(fd)

@@ -7,9 +7,9 @@ carries it. Every access the guest can steer goes through ``_locate``, which
 refuses anything not wholly inside one region: guest addresses are input from
 a possibly hostile guest.
 
-Reads return copies and writes copy in (``bytes``, ``struct.*_from``), so no
-``memoryview`` of a mapping outlives a call and a table can always be
-unmapped when QEMU replaces it.
+Reads return copies and writes copy in (``bytes``, ``struct.*_from``, a
+memoryview released before the call returns), so no ``memoryview`` of a mapping
+outlives a call and a table can always be unmapped when QEMU replaces it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ import contextlib
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .protocol import MemRegion
+
+# Guest memory is little endian; the index stores below are native ones.
+if sys.byteorder != "little":
+    raise ImportError("the vhost-user backend supports little-endian hosts only")
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -158,13 +163,22 @@ class GuestMemory:
         region, off = self._locate(gpa, 8)
         return _U64.unpack_from(region.buf, off)[0]
 
+    # The guest reads what these write while they write it (the used index above all), so
+    # each must be one store of the new value. struct.pack_into is not: it clears its
+    # target before packing into it, and a guest that read the used index in between saw
+    # 0, took the ring's stale entries for new ones ("id N is not a head!", zeroed
+    # packets) and gave the queue up. A one-item memoryview cast stores the value with a
+    # single native (little-endian, as virtio wants, on this x86-64 host) 16/32-bit write.
+
     def write_u16(self, gpa: int, value: int) -> None:
         region, off = self._locate(gpa, 2)
-        _U16.pack_into(region.buf, off, value)
+        with memoryview(region.buf) as view, view[off : off + 2] as part, part.cast("H") as word:
+            word[0] = value
 
     def write_u32(self, gpa: int, value: int) -> None:
         region, off = self._locate(gpa, 4)
-        _U32.pack_into(region.buf, off, value)
+        with memoryview(region.buf) as view, view[off : off + 4] as part, part.cast("I") as word:
+            word[0] = value
 
 
 def close_fds(fds: Sequence[int]) -> None:
