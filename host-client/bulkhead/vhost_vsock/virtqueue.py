@@ -28,13 +28,13 @@ and writes a used entry before the used index. CPython does each of these as
 a plain memory copy in program order, and x86-64 (TSO) neither reorders loads
 with loads nor stores with stores, which is what the virtio read and write
 barriers are for on this host. The indices themselves must each be one store
-(``GuestMemory.write_u16``): a guest reads them while they change, and a used index
-that passed through 0 on its way made the guest take stale entries for new ones. One
-ordering x86 does relax is a store followed
-by a load: between publishing the used index and reading the driver's
-NO_INTERRUPT flag the device needs a full barrier, or it can read a stale flag
-while the driver (which re-enables interrupts and then re-reads the used
-index) still sees the old index, and the interrupt is lost for good.
+(``GuestMemory.write_u16``): a guest reads them while they change, and a used
+index that passed through 0 on its way made the guest take stale entries for
+new ones. One ordering x86 does relax is a store followed by a load: between
+publishing the used index and reading the driver's NO_INTERRUPT flag the device
+needs a full barrier, or it can read a stale flag while the driver (which
+re-enables interrupts and then re-reads the used index) still sees the old
+index, and the interrupt is lost for good.
 ``full_barrier`` provides it with a locked instruction.
 """
 
