@@ -14,14 +14,44 @@ from pathlib import Path
 import pytest
 
 from bulkhead import Sandbox
+from bulkhead.sandbox import tail_log
+from bulkhead.state import SandboxPaths
 
 pytestmark = pytest.mark.qemu
+
+# Every sandbox these tests boot lives here. Unix socket paths are limited to
+# 108 bytes: keep it short.
+STATE_DIR = Path(f"/tmp/bh-qt-{os.getpid()}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "qemu-test" in str(item.path):
             item.add_marker(pytest.mark.qemu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A failing test's report carries the logs of every sandbox still up.
+
+    The fixtures take their sandboxes down (removing their logs) right after
+    the test, so this is the only moment the guest's side of a rare failure
+    (a kernel message, a backend's ring error) can still be read; CI keeps
+    nothing else.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when not in ("setup", "call") or not STATE_DIR.is_dir():
+        return
+    for path in sorted(STATE_DIR.iterdir()):
+        paths = SandboxPaths(path)
+        for what, log, lines in (
+            ("monitor", paths.monitor_log, 40),
+            ("console", paths.console_log, 60),
+        ):
+            text = tail_log(log, lines)
+            if text.strip():
+                report.sections.append((f"sandbox {paths.name}: {what} log (tail)", text))
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +64,8 @@ def image():
 
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Unix socket paths are limited to 108 bytes: keep the state dir short.
-    path = Path(f"/tmp/bh-qt-{os.getpid()}")
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+    return STATE_DIR
 
 
 @pytest.fixture

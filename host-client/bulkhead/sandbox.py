@@ -285,8 +285,8 @@ class Sandbox(SandboxStorage, SandboxNetwork):
             if network_spec is not None:
                 sb.network.apply(network_spec)
         except BaseException as exc:
-            console = _tail(paths.console_log, 40)
-            monitor = _tail(paths.monitor_log, 15)
+            console = tail_log(paths.console_log, 40)
+            monitor = tail_log(paths.monitor_log, 15)
             sb._destroy()
             if isinstance(exc, BootError):
                 raise BootError(str(exc), console, monitor) from None
@@ -679,7 +679,7 @@ def _spawn_monitor(paths: SandboxPaths, lock_fd: int) -> None:
     if code != 0:
         raise BootError(
             f"the monitor of sandbox {paths.name!r} failed to start (status {code})",
-            monitor_tail=_tail(paths.monitor_log, 15),
+            monitor_tail=tail_log(paths.monitor_log, 15),
         )
 
 
@@ -689,7 +689,8 @@ def _unread(sock: socket.socket) -> int:
     return struct.unpack("i", raw)[0]
 
 
-def _tail(path: Path, lines: int) -> str:
+def tail_log(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a sandbox log ("" if it is gone), safe to print."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
