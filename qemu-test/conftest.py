@@ -63,7 +63,7 @@ def image():
 
 
 @pytest.fixture(scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def state_dir() -> Path:
     STATE_DIR.mkdir(mode=0o700, exist_ok=True)
     return STATE_DIR
 
